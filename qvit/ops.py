@@ -1,8 +1,409 @@
-"""Provisional: forwards to the pure-PyTorch reference until the C kernels land.
+"""Learnable fake quantization as torch ops over the fused C / CUDA kernels.
 
-The Core issue replaces this file with the torch.library ops over qvit._C. The
-public signature of :func:`fake_quant` is the contract and stays as it is.
+The op of Q-ViT (Li et al., "Q-ViT: Fully Differentiable Quantization for
+Vision Transformer", arXiv 2201.07703) on top of LSQ (Esser et al., 2020) and
+LSQ+ (Bhalgat et al., 2020): learned scales, learned bit-widths, a switchable
+scale table, an optional learned offset.
+
+Three layers live here, and this is the only Python file that touches
+``qvit._C``:
+
+* two ``torch.library`` ops, ``qvit::fq_forward`` and ``qvit::fq_backward``,
+  with CPU and CUDA kernels (outputs allocated by torch, the data handed to
+  ``qvit._C`` through DLPack) and fake kernels, so ``torch.compile`` traces
+  them without graph breaks;
+* an ``autograd.Function`` outside the ops (measured cheaper than registering
+  autograd on the op; see DESIGN.md and the engineering notes);
+* :func:`fake_quant`, the public entry point, which validates its arguments in
+  Python before anything reaches the dispatcher.
+
+The pure-PyTorch executable spec is :mod:`qvit.reference`; tests hold the
+kernels to it.
 """
-from .reference import fake_quant
+from __future__ import annotations
 
-__all__ = ["fake_quant"]
+import math
+import numbers
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+__all__ = ["fake_quant", "backend_info"]
+
+_C_API = ("fq_forward", "fq_backward", "fq_workspace_bytes", "set_exchange_api",
+          "cuda_built", "cuda_device_count")
+try:
+    from . import _C
+    _C_IMPORT_ERROR: Optional[str] = None
+    _missing = [name for name in _C_API if not hasattr(_C, name)]
+    if _missing:  # a stale or partial build: treat it as absent, say why
+        _C_IMPORT_ERROR = f"qvit._C ({_C.__file__}) lacks {', '.join(_missing)}"
+        _C = None
+except ImportError as exc:  # pragma: no cover - depends on the build
+    _C = None
+    _C_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def _register_exchange_api() -> Optional[str]:
+    """Hand torch's DLPack C exchange API to ``_C`` once; return the name used.
+
+    With the exchange API a torch tensor crosses into C for well under a
+    microsecond and ``requires_grad`` tensors are accepted. Older torch has
+    neither attribute; then every tensor goes through a ``to_dlpack`` capsule.
+    """
+    if _C is None:
+        return None
+    for name in ("__dlpack_c_exchange_api__", "__c_dlpack_exchange_api__"):
+        api = getattr(torch.Tensor, name, None)
+        if api is not None:
+            _C.set_exchange_api(api, torch._C.TensorBase)
+            return name
+    return None
+
+
+_EXCHANGE_API = _register_exchange_api()
+
+if _EXCHANGE_API is None:
+    _to_c = torch.utils.dlpack.to_dlpack
+else:
+    def _to_c(t):
+        return t
+
+
+def _to_c_opt(t):
+    return None if t is None else _to_c(t)
+
+
+def backend_info() -> dict:
+    """Which backend :func:`fake_quant` runs on.
+
+    Returns:
+        A dict with ``c_loaded`` (``qvit._C`` imported), ``c_import_error``
+        (the import error text, or ``None``), ``cuda_built`` (the CUDA kernels
+        were compiled in), ``cuda_devices`` (devices the CUDA runtime sees,
+        ``<= 0`` without a GPU or driver) and ``exchange_api`` (the torch
+        attribute used to pass tensors into C, or ``"to_dlpack"`` when torch
+        has no DLPack C exchange API).
+    """
+    loaded = _C is not None
+    return {
+        "c_loaded": loaded,
+        "c_import_error": _C_IMPORT_ERROR,
+        "cuda_built": bool(_C.cuda_built()) if loaded else False,
+        "cuda_devices": int(_C.cuda_device_count()) if loaded else 0,
+        "exchange_api": (_EXCHANGE_API or "to_dlpack") if loaded else None,
+    }
+
+
+def _require_c() -> None:
+    if _C is None:
+        raise RuntimeError(
+            "qvit: the compiled extension qvit._C could not be imported "
+            f"({_C_IMPORT_ERROR}); rebuild it with `pip install -e .` "
+            "(or use qvit.reference.fake_quant)"
+        )
+
+
+# ---------------------------------------------------------------------------
+# torch.library ops
+# ---------------------------------------------------------------------------
+
+_lib = torch.library.Library("qvit", "DEF")
+_lib.define(
+    "fq_forward(Tensor x, Tensor scale, Tensor bits, Tensor? offset, int dim, "
+    "bool signed, int bits_min, int bits_max) -> Tensor"
+)
+# A missing offset gets an empty grad_offset: the schema keeps four tensor
+# outputs, which opcheck and the fake kernels handle without Optional returns.
+_lib.define(
+    "fq_backward(Tensor grad_y, Tensor x, Tensor scale, Tensor bits, Tensor? offset, "
+    "int dim, bool signed, int bits_min, int bits_max, float lsq_grad_scale) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def _layout(x: Tensor, dim: int, groups: int) -> Tuple[int, int, int]:
+    return reference.group_shape(x.shape, dim, groups)
+
+
+def _stream_arg(x: Tensor):
+    # With the exchange API, None makes _C ask torch for the current stream;
+    # a capsule carries no stream, so pass the raw cudaStream_t.
+    if x.device.type == "cuda" and _EXCHANGE_API is None:
+        return torch.cuda.current_stream(x.device).cuda_stream
+    return None
+
+
+def _fq_forward_impl(x, scale, bits, offset, dim, signed, bits_min, bits_max):
+    _require_c()
+    outer, g, inner = _layout(x, dim, bits.numel())
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if x.numel() == 0:
+        return y
+    # The kernel always sees x as a contiguous [outer, G, inner] view (dim=1):
+    # one layout rule in C, and 0-d / per-tensor inputs need no special case.
+    x3 = x.contiguous().view(outer, g, inner)
+    _C.fq_forward(
+        _to_c(x3), _to_c(scale.contiguous()), _to_c(bits.contiguous()),
+        _to_c_opt(None if offset is None else offset.contiguous()),
+        _to_c(y.view(outer, g, inner)),
+        dim=1, signed=bool(signed), bits_min=int(bits_min), bits_max=int(bits_max),
+        num_threads=torch.get_num_threads(), stream=_stream_arg(x),
+    )
+    return y
+
+
+def _fq_backward_impl(grad_y, x, scale, bits, offset, dim, signed, bits_min, bits_max,
+                      lsq_grad_scale):
+    _require_c()
+    outer, g, inner = _layout(x, dim, bits.numel())
+    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if x.numel() == 0:
+        # Documented choice: an empty x has zero gradients everywhere.
+        grad_x.zero_()
+        gs = torch.zeros_like(scale, memory_format=torch.contiguous_format)
+        gb = torch.zeros_like(bits, memory_format=torch.contiguous_format)
+        go = (torch.zeros_like(offset, memory_format=torch.contiguous_format)
+              if offset is not None else scale.new_empty((0,)))
+        return grad_x, gs, gb, go
+    gs = torch.empty_like(scale, memory_format=torch.contiguous_format)
+    gb = torch.empty_like(bits, memory_format=torch.contiguous_format)
+    go = (torch.empty_like(offset, memory_format=torch.contiguous_format)
+          if offset is not None else None)
+    workspace = None
+    if x.device.type == "cuda":
+        nbytes = _C.fq_workspace_bytes(outer, g, inner, x.device.index or 0)
+        if nbytes > 0:
+            workspace = _to_c(torch.empty(nbytes, dtype=torch.uint8, device=x.device))
+    _C.fq_backward(
+        _to_c(grad_y.contiguous().view(outer, g, inner)),
+        _to_c(x.contiguous().view(outer, g, inner)),
+        _to_c(scale.contiguous()), _to_c(bits.contiguous()),
+        _to_c_opt(None if offset is None else offset.contiguous()),
+        _to_c(grad_x.view(outer, g, inner)), _to_c(gs), _to_c(gb), _to_c_opt(go),
+        dim=1, signed=bool(signed), bits_min=int(bits_min), bits_max=int(bits_max),
+        lsq_grad_scale=float(lsq_grad_scale), num_threads=torch.get_num_threads(),
+        stream=_stream_arg(x), workspace=workspace,
+    )
+    if go is None:
+        go = scale.new_empty((0,))
+    return grad_x, gs, gb, go
+
+
+for _key in ("CPU", "CUDA"):
+    _lib.impl("fq_forward", _fq_forward_impl, _key)
+    _lib.impl("fq_backward", _fq_backward_impl, _key)
+
+
+@torch.library.register_fake("qvit::fq_forward", lib=_lib)
+def _fq_forward_fake(x, scale, bits, offset, dim, signed, bits_min, bits_max):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("qvit::fq_backward", lib=_lib)
+def _fq_backward_fake(grad_y, x, scale, bits, offset, dim, signed, bits_min, bits_max,
+                      lsq_grad_scale):
+    go = (torch.empty_like(offset, memory_format=torch.contiguous_format)
+          if offset is not None else scale.new_empty((0,)))
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(scale, memory_format=torch.contiguous_format),
+        torch.empty_like(bits, memory_format=torch.contiguous_format),
+        go,
+    )
+
+
+_fq_forward_op = torch.ops.qvit.fq_forward.default
+_fq_backward_op = torch.ops.qvit.fq_backward.default
+
+
+# ---------------------------------------------------------------------------
+# autograd
+# ---------------------------------------------------------------------------
+
+class _FakeQuantFunction(torch.autograd.Function):
+    """Saves x and the parameters (no masks); the backward recomputes from x."""
+
+    @staticmethod
+    def forward(ctx, x, scale, bits, offset, dim, signed, bits_min, bits_max, lsq_grad_scale):
+        ctx.save_for_backward(x, scale, bits, offset)
+        ctx.dim = dim
+        ctx.signed = signed
+        ctx.bits_min = bits_min
+        ctx.bits_max = bits_max
+        ctx.lsq_grad_scale = lsq_grad_scale
+        return _fq_forward_op(x, scale, bits, offset, dim, signed, bits_min, bits_max)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, scale, bits, offset = ctx.saved_tensors
+        gx, gs, gb, go = _fq_backward_op(
+            grad_y, x, scale, bits, offset, ctx.dim, ctx.signed,
+            ctx.bits_min, ctx.bits_max, ctx.lsq_grad_scale,
+        )
+        need = ctx.needs_input_grad
+        return (
+            gx if need[0] else None,
+            gs if need[1] else None,
+            gb if need[2] else None,
+            go if (offset is not None and need[3]) else None,
+            None, None, None, None, None,
+        )
+
+
+# ---------------------------------------------------------------------------
+# public entry point
+# ---------------------------------------------------------------------------
+
+_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _validate(x, scale, bits, offset, signed, dim, bits_range, grad_scale):
+    """Argument checks that need no tensor data (so they cost no device sync)."""
+    for name, t in (("x", x), ("scale", scale), ("bits", bits)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"qvit.fake_quant: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if offset is not None and not isinstance(offset, Tensor):
+        raise TypeError(
+            f"qvit.fake_quant: offset must be a torch.Tensor or None, got {type(offset).__name__}")
+    if not isinstance(signed, bool):
+        raise TypeError(f"qvit.fake_quant: signed must be a bool, got {type(signed).__name__}")
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+        raise TypeError(f"qvit.fake_quant: dim must be an int, got {type(dim).__name__}")
+    if (not isinstance(bits_range, (tuple, list)) or len(bits_range) != 2
+            or any(isinstance(b, bool) or not isinstance(b, numbers.Integral) for b in bits_range)):
+        raise TypeError(f"qvit.fake_quant: bits_range must be a pair of ints, got {bits_range!r}")
+    bmin, bmax = int(bits_range[0]), int(bits_range[1])
+    if not 1 <= bmin <= bmax <= 16:
+        raise ValueError(
+            f"qvit.fake_quant: bits_range must satisfy 1 <= min <= max <= 16, got {tuple(bits_range)}")
+    if signed and bmin < 2:
+        raise ValueError(
+            f"qvit.fake_quant: a signed quantizer needs bits_range min >= 2, got {tuple(bits_range)}")
+    if grad_scale is None:
+        lsq = -1.0
+    else:
+        if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
+            raise TypeError(
+                f"qvit.fake_quant: grad_scale must be None or a float, got {type(grad_scale).__name__}")
+        lsq = float(grad_scale)
+        if not (math.isfinite(lsq) and lsq >= 0.0):
+            raise ValueError(f"qvit.fake_quant: grad_scale must be finite and >= 0, got {grad_scale}")
+
+    if x.dtype not in _X_DTYPES:
+        raise TypeError(
+            f"qvit.fake_quant: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    pdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    for name, t in (("scale", scale), ("bits", bits), ("offset", offset)):
+        if t is None:
+            continue
+        if t.dtype != pdt:
+            raise TypeError(
+                f"qvit.fake_quant: {name} must be {str(pdt).replace('torch.', '')} for a "
+                f"{str(x.dtype).replace('torch.', '')} x, got {str(t.dtype).replace('torch.', '')}")
+        if t.device != x.device:
+            raise ValueError(
+                f"qvit.fake_quant: {name} is on {t.device} but x is on {x.device}; "
+                "all tensors must be on one device")
+
+    k = bmax - bmin + 1
+    if bits.dim() != 1 or bits.numel() < 1:
+        raise ValueError(
+            f"qvit.fake_quant: bits must be a 1-D tensor [G] with G >= 1, got shape {tuple(bits.shape)}")
+    g = bits.numel()
+    if scale.dim() != 2 or scale.shape[1] != k or scale.shape[0] not in (1, g):
+        raise ValueError(
+            f"qvit.fake_quant: scale must have shape [1, {k}] or [{g}, {k}] for bits_range "
+            f"{(bmin, bmax)} and {g} groups, got {tuple(scale.shape)}")
+    if offset is not None and offset.shape != scale.shape:
+        raise ValueError(
+            f"qvit.fake_quant: offset must have the shape of scale {tuple(scale.shape)}, "
+            f"got {tuple(offset.shape)}")
+    try:
+        reference.group_shape(x.shape, int(dim), g)
+    except ValueError as exc:
+        raise ValueError(f"qvit.fake_quant: {exc}") from None
+    return bmin, bmax, lsq
+
+
+def fake_quant(
+    x: Tensor,
+    scale: Tensor,
+    bits: Tensor,
+    offset: Optional[Tensor] = None,
+    *,
+    signed: bool = True,
+    dim: int = 0,
+    bits_range: Tuple[int, int] = (2, 8),
+    grad_scale: Optional[float] = None,
+) -> Tensor:
+    r"""Learnable fake quantization with learned scales and bit-widths (fused kernels).
+
+    ``x`` is viewed as ``[outer, G, inner]``: ``G = bits.numel()`` splits
+    dimension ``dim`` into ``G`` equal contiguous chunks (per-tensor: ``G = 1``;
+    per-channel of ``[T, C]``: ``dim=-1, G=C``; per-head of ``[B, H, N, d]``:
+    ``dim=1, G=H``; per-head rows of ``W_q [H*d, C]``: ``dim=0, G=H``; per-head
+    columns of ``W_proj [C, H*d]``: ``dim=1, G=H``). For group ``g``::
+
+        b^ = round_half_even(clamp(bits[g], bits_min, bits_max))
+        s  = scale[row, b^ - bits_min],  beta = offset[row, b^ - bits_min] (or 0),
+             row = 0 if scale has one row else g
+        signed: Qn = -2^(b^-1), Qp = 2^(b^-1) - 1;   unsigned: Qn = 0, Qp = 2^b^ - 1
+        v = (x - beta) / s
+        y = round_half_even(clamp(v, Qn, Qp)) * s + beta
+
+    Gradients, with ``u = dL/dy``, ``I = [Qn <= v <= Qp]`` (tested on ``v``
+    before rounding), ``H = [v > Qp]``, ``L = [v < Qn]``, sums over the group::
+
+        dL/dx      = u * I
+        dL/ds      = g_s * sum(u * (I * (round(v) - v) + H * Qp + L * Qn)),
+                     g_s = 1 / sqrt(N_g * Qp) (LSQ) or grad_scale
+        dL/dbits   = s * ln2 * 2^(b^-1) * sum(u * (H - L))    (signed)
+                   = s * ln2 * 2^b^ * sum(u * H)               (unsigned)
+        dL/dbeta   = sum(u * (1 - I))
+
+    Only the active table entries receive gradient (zeros elsewhere). The
+    bit-width passes the rounding straight through (``db^/dbits = 1``).
+    Arithmetic is fp32 for fp32/fp16/bf16 ``x`` (fp64 for fp64 ``x`` on the
+    CPU); parameter gradients are deterministic fixed-order sums. An empty
+    ``x`` gives an empty ``y`` and all-zero gradients.
+
+    Args:
+        x: input of any shape, float32 / float16 / bfloat16 (float64 on CPU).
+        scale: ``[1 or G, K]`` switchable-scale table, ``K = bits_max - bits_min + 1``;
+            float32 (float64 for a float64 ``x``), positive and finite.
+        bits: ``[G]`` continuous bit-widths, same dtype as ``scale``.
+        offset: optional ``[1 or G, K]`` offset table (LSQ+), same dtype as ``scale``.
+        signed: signed codes ``[-2^(b-1), 2^(b-1)-1]`` or unsigned ``[0, 2^b-1]``.
+        dim: the dimension of ``x`` split into ``G`` groups (ignored when ``G == 1``).
+        bits_range: ``(bits_min, bits_max)``, ``1 <= min <= max <= 16``; signed needs min >= 2.
+        grad_scale: constant factor on the scale gradient; ``None`` = the LSQ default.
+
+    Returns:
+        The fake-quantized tensor: ``x``'s shape, dtype and device (contiguous).
+
+    Raises:
+        TypeError: a non-tensor argument, or a wrong dtype.
+        ValueError: shapes that do not fit, a device mix, a bad ``bits_range`` or
+            ``grad_scale``; on the CPU also a scale that is not finite and > 0,
+            a non-finite bit-width or offset (checked by the kernel; the CUDA
+            kernels never read parameters on the host, so they do not check).
+        RuntimeError: ``qvit._C`` failed to import (the message carries why).
+
+    Example::
+
+        >>> x = torch.randn(8, 197, 192)
+        >>> scale = torch.full((1, 7), 0.1)      # bits 2..8
+        >>> bits = torch.tensor([4.0], requires_grad=True)
+        >>> y = fake_quant(x, scale, bits)
+        >>> y.sum().backward()
+    """
+    bmin, bmax, lsq = _validate(x, scale, bits, offset, signed, dim, bits_range, grad_scale)
+    if x.device.type not in ("cpu", "cuda"):
+        return reference.fake_quant(x, scale, bits, offset, signed=signed, dim=dim,
+                                    bits_range=(bmin, bmax), grad_scale=grad_scale)
+    _require_c()
+    return _FakeQuantFunction.apply(x, scale, bits, offset, int(dim), signed, bmin, bmax, lsq)
