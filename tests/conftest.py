@@ -1,0 +1,86 @@
+"""Shared fixtures: one op test-suite parametrised over reference / cpu / cuda.
+
+``impl`` yields an :class:`Impl`: a device and a ``fake_quant`` callable with
+the public signature that returns an autograd-tracked ``y``. The "reference"
+implementation is the autograd composite ``qvit.reference.fake_quant`` (held
+to the closed forms like the kernels are); "cpu" and "cuda" are
+``qvit.ops.fake_quant`` on that device, i.e. the C / CUDA kernels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Callable
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # make tests/helpers.py importable
+
+from qvit import ops, reference  # noqa: E402
+
+_INFO = ops.backend_info()
+
+
+def _cpu_skip():
+    if not _INFO["c_loaded"]:
+        return f"qvit._C not available: {_INFO['c_import_error']}"
+    return None
+
+
+def _cuda_skip():
+    if not _INFO["c_loaded"]:
+        return f"qvit._C not available: {_INFO['c_import_error']}"
+    if not _INFO["cuda_built"]:
+        return "qvit._C was built without CUDA"
+    if not torch.cuda.is_available() or _INFO["cuda_devices"] <= 0:
+        return "no CUDA device"
+    return None
+
+
+SKIP_REASON = {"reference": None, "cpu": _cpu_skip(), "cuda": _cuda_skip()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Impl:
+    name: str
+    device: torch.device
+    fake_quant: Callable
+
+    def to(self, t):
+        return None if t is None else t.to(self.device)
+
+
+IMPLS = {
+    "reference": Impl("reference", torch.device("cpu"), reference.fake_quant),
+    "cpu": Impl("cpu", torch.device("cpu"), ops.fake_quant),
+    "cuda": Impl("cuda", torch.device("cuda"), ops.fake_quant),
+}
+
+
+def _param(name):
+    reason = SKIP_REASON[name]
+    marks = [pytest.mark.skip(reason=reason)] if reason else []
+    if name == "cuda":
+        marks.append(pytest.mark.cuda)
+    return pytest.param(name, marks=marks, id=name)
+
+
+@pytest.fixture(params=[_param(n) for n in ("reference", "cpu", "cuda")])
+def impl(request) -> Impl:
+    """Every implementation of the op (skips carry a reason)."""
+    return IMPLS[request.param]
+
+
+@pytest.fixture(params=[_param(n) for n in ("cpu", "cuda")])
+def kernel(request) -> Impl:
+    """The compiled kernels only (C on the CPU, CUDA)."""
+    return IMPLS[request.param]
+
+
+@pytest.fixture
+def needs_c():
+    reason = SKIP_REASON["cpu"]
+    if reason:
+        pytest.skip(reason)
