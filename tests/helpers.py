@@ -2,8 +2,8 @@
 
 Tie-free inputs. ``tie_free_input`` draws the code-space value ``v`` of every
 element first and builds ``x = v*s + beta`` in float64: the integer part of
-``v`` spans ``[Qn - 2, Qp + 2]`` of the element's group (so both clipping sides
-are hit) and the fractional part stays at least ``TIE_MARGIN`` away from .5
+``v`` lies below ``Qn`` for 15% of the elements, above ``Qp`` for 15%, and in
+``[Qn, Qp)`` for the rest (so both clipping sides are hit) and the fractional part stays at least ``TIE_MARGIN`` away from .5
 (and from .0, so clipping decisions at ``Qn``/``Qp`` are not borderline
 either). For float32 inputs the generator recomputes ``v`` in float32 exactly
 as the kernels do and checks the margin still holds. Exact ties and values
@@ -111,8 +111,12 @@ def tie_free_input(
     outer, g, inner = reference.group_shape(shape, dim, bits.numel())
     s, beta, qn, qp = (t.view(1, g, 1) for t in decode(scale, bits, offset, signed, bits_range))
     n = outer * g * inner
+    # integer part: 15% below Qn, 15% above Qp, the rest inside [Qn, Qp)
+    side = torch.rand(outer, g, inner, dtype=torch.float64, generator=gen)
     u = torch.rand(outer, g, inner, dtype=torch.float64, generator=gen)
-    ints = torch.floor((qn - 2) + u * (qp - qn + 5))
+    ints = torch.where(side < 0.15, qn - 1 - torch.floor(3 * u),
+                       torch.where(side > 0.85, qp + torch.floor(3 * u),
+                                   torch.floor(qn + u * (qp - qn))))
     frac = torch.rand(outer, g, inner, dtype=torch.float64, generator=gen)
     # map [0, 1) onto [m, .5 - m) U [.5 + m, 1 - m)
     m = TIE_MARGIN
@@ -158,8 +162,14 @@ def grad_tolerances(
     dim: int,
     bits_range: Tuple[int, int],
     grad_scale: Optional[float],
+    composite: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Allowed absolute errors ``(tol_scale [Gs,K], tol_bits [G], tol_offset [Gs,K])``."""
+    """Allowed absolute errors ``(tol_scale [Gs,K], tol_bits [G], tol_offset [Gs,K])``.
+
+    ``composite=True`` is for autograd of the reference composite, which forms
+    the scale term as ``round(v) + s * d(v)/ds`` (a cancellation of two numbers
+    of size ``|v|``), so its magnitude is ``sum |u| (|round(v)| + |v|)``.
+    """
     rtol = RTOL_SUM[x.dtype]
     bmin, _ = bits_range
     outer, g, inner = reference.group_shape(x.shape, dim, bits.numel())
@@ -169,7 +179,10 @@ def grad_tolerances(
     hi, lo = v > qp.view(1, g, 1), v < qn.view(1, g, 1)
     inside = ~(hi | lo)
     c = torch.minimum(torch.maximum(v, qn.view(1, g, 1)), qp.view(1, g, 1))
-    term_r = (u * (torch.round(c) - torch.where(inside, v, torch.zeros_like(v))).abs()).sum((0, 2))
+    if composite:
+        term_r = (u * (torch.round(c).abs() + v.abs())).sum((0, 2))
+    else:
+        term_r = (u * (torch.round(c) - torch.where(inside, v, torch.zeros_like(v))).abs()).sum((0, 2))
     term_c = (u * (~inside)).sum((0, 2))
     n_g = outer * inner
     factor = (torch.full_like(qp, grad_scale) if grad_scale is not None
@@ -212,3 +225,26 @@ def assert_bitwise(got: Tensor, want: Tensor, what: str) -> None:
         raise AssertionError(
             f"{what}: {int((~same).sum())} of {got.numel()} differ; first at {bad}: "
             f"got {got[tuple(bad)].item()!r}, want {want[tuple(bad)].item()!r}")
+
+
+def frozen_surrogate(x, scale, offset, bits, signed, dim, br, base=None):
+    """The function whose true derivative the straight-through gradient is.
+
+    Rounding residuals ``round(v0) - v0`` and the clip masks are frozen at the
+    unperturbed input (``base``, the ``v0`` returned by a first call), so inside the range
+    ``y = (v + c0) * s + beta`` and outside ``y = Q * s + beta``: smooth in x,
+    scale and offset. Written here independently of the reference.
+    """
+    outer, g, inner = reference.group_shape(x.shape, dim, bits.numel())
+    _, _, qn, qp = decode(scale.detach(), bits, None, signed, br)
+    bhat = [round(min(max(float(b), br[0]), br[1])) for b in bits]
+    rows = [0 if scale.shape[0] == 1 else i for i in range(g)]
+    cols = [b - br[0] for b in bhat]
+    s = scale[rows, cols].view(1, g, 1)
+    beta = offset[rows, cols].view(1, g, 1) if offset is not None else torch.zeros_like(s)
+    v = (x.reshape(outer, g, inner) - beta) / s
+    v0 = v.detach() if base is None else base
+    c0 = torch.round(v0) - v0
+    qn, qp = qn.view(1, g, 1), qp.view(1, g, 1)
+    y = torch.where(v0 > qp, qp * s + beta, torch.where(v0 < qn, qn * s + beta, (v + c0) * s + beta))
+    return y.reshape(x.shape), v0
