@@ -1,0 +1,226 @@
+"""Quantized multi-head attention for timm ViT/DeiT ``Attention`` and Swin ``WindowAttention``.
+
+Quantized (Q-ViT, Li et al. 2022, section 3 of ``reference/method.md``): the qkv
+input and weights, q, k, v, the softmax output (unsigned, after attention
+dropout), the A·V output (the proj input) and the proj weights. Float: the
+1/sqrt(d) scaling, the relative position bias, masks, softmax and any q/k norm.
+
+Head-wise groups follow the memory layout of timm's fused qkv: output row
+``r`` of the qkv weight belongs to (s, h) = (r // A, (r % A) // d) with
+``A = heads * d``, so W_q/W_k/W_v are grouped by **output rows** per head
+(3H groups along dim 0) and W_proj by **input columns** per head (H groups
+along dim 1). (The released research code groups the transposed axis, which is
+not head-aligned.) q, k and v are fake-quantized in one op call on the qkv
+output viewed as ``[B*N, 3H, d]`` (contiguous, no copies), with the three
+quantizers' bit and scale tables concatenated.
+
+The explicit attention path is always taken (never SDPA), since the softmax
+output must be quantized.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..config import QuantizerConfig
+from ..quantizer import Quantizer, fused_fake_quant
+from ._adopt import adopt, to_float
+from .linear import BitsFn, QLinear, group_bits
+
+__all__ = ["QAttention", "QWindowAttention"]
+
+
+class _QAttentionBase(nn.Module):
+    """Shared construction and accounting; subclasses write ``forward``."""
+
+    q_quant: Quantizer
+    k_quant: Quantizer
+    v_quant: Quantizer
+    attn_quant: Quantizer
+
+    @classmethod
+    def from_attention(cls, attn: nn.Module, *, weight: Optional[QuantizerConfig],
+                       act: Optional[QuantizerConfig], attn_cfg: Optional[QuantizerConfig],
+                       probs: Optional[QuantizerConfig], head_wise: bool = False,
+                       quantize_qkv: bool = True, quantize_proj: bool = True):
+        """Wrap a timm attention module; ``None`` configs leave that site in float.
+
+        ``quantize_qkv`` / ``quantize_proj`` False keep those linears plain float.
+        """
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        adopt(self, attn)
+        heads = int(attn.num_heads)
+        qkv, proj = attn.qkv, attn.proj
+        if qkv.out_features % (3 * heads):
+            raise ValueError(f"qkv.out_features={qkv.out_features} is not 3 x num_heads={heads} heads")
+        d = qkv.out_features // (3 * heads)
+        self.num_heads_q = heads
+        self.head_dim_q = d
+        self.head_wise = head_wise
+        dev = qkv.weight.device
+
+        def gran(cfg):
+            if cfg is None:
+                return None
+            return cfg.replace(granularity="head") if head_wise else (
+                cfg.replace(granularity="tensor") if cfg.granularity == "head" else cfg)
+
+        w_att = gran(weight)
+        a_att = gran(attn_cfg)
+        p_att = gran(probs)
+        if quantize_qkv:
+            wg = None
+            if w_att is not None:
+                wg = {"head": 3 * heads, "tensor": 3, "channel": qkv.out_features}[w_att.granularity]
+            a_in = act.replace(granularity="tensor") if act is not None and act.granularity == "head" else act
+            self.qkv = QLinear.from_linear(qkv, w_att, a_in, weight_groups=wg, weight_dim=0)
+        else:
+            self.qkv = qkv
+        if quantize_proj:
+            wg, wdim = None, 0
+            if w_att is not None and w_att.granularity == "head":
+                wg, wdim = heads, 1
+            ag = None
+            if a_att is not None:
+                ag = {"head": heads, "tensor": 1, "channel": proj.in_features}[a_att.granularity]
+            self.proj = QLinear.from_linear(proj, w_att, a_att, weight_groups=wg, weight_dim=wdim,
+                                            act_groups=ag)
+        else:
+            self.proj = proj
+
+        def act_q(cfg):
+            if cfg is None:
+                return None
+            g = heads if cfg.granularity in ("head", "channel") else 1
+            return Quantizer(cfg.replace(granularity="head") if g > 1 else cfg, g, 1, device=dev)
+
+        self.q_quant = act_q(a_att)
+        self.k_quant = act_q(a_att)
+        self.v_quant = act_q(a_att)
+        self.attn_quant = act_q(p_att)
+        self.attn_shape = (0, heads, 0, d)
+        return self
+
+    def to_float(self) -> nn.Module:
+        """The timm module this was made from (same Parameters and buffers)."""
+        return to_float(self)
+
+    def _quant_qkv(self, qkv: Tensor, n_rows: int) -> Tensor:
+        """Fake-quantize q, k, v in one call on the contiguous ``[rows, 3H, d]`` view."""
+        qs = [self.q_quant, self.k_quant, self.v_quant]
+        if any(q is None for q in qs):
+            return qkv
+        view = qkv.reshape(n_rows, 3 * self.num_heads_q, self.head_dim_q)
+        return fused_fake_quant(view, qs, dim=1)
+
+    def _maybe(self, q: Optional[Quantizer], x: Tensor) -> Tensor:
+        return q(x) if q is not None else x
+
+    def qvit_bitops(self, bits_of: BitsFn) -> Tensor:
+        """BitOPs of QK^T and A·V (the qkv and proj linears count themselves)."""
+        b_, h, n, d = self.attn_shape
+        ref = self.qkv.weight
+        bq = group_bits(bits_of, self.q_quant, h, ref)
+        bk = group_bits(bits_of, self.k_quant, h, ref)
+        bv = group_bits(bits_of, self.v_quant, h, ref)
+        ba = group_bits(bits_of, self.attn_quant, h, ref)
+        macs = b_ * n * n * d
+        return macs * ((bq * bk).sum() + (ba * bv).sum())
+
+    def qvit_head_bitops(self, bits_of: BitsFn) -> Tensor:
+        """Per-head BitOPs ``[H]`` of QK^T + A·V."""
+        b_, h, n, d = self.attn_shape
+        ref = self.qkv.weight
+        bq, bk, bv, ba = (group_bits(bits_of, q, h, ref)
+                          for q in (self.q_quant, self.k_quant, self.v_quant, self.attn_quant))
+        return b_ * n * n * d * (bq * bk + ba * bv)
+
+
+def _add_mask(attn: Tensor, attn_mask: Optional[Tensor], is_causal: bool) -> Tensor:
+    n = attn.shape[-1]
+    if is_causal:
+        bias = attn.new_full((n, n), float("-inf")).triu_(1)
+    elif attn_mask is None:
+        return attn
+    elif attn_mask.dtype == torch.bool:
+        bias = torch.zeros_like(attn_mask, dtype=attn.dtype).masked_fill_(~attn_mask, float("-inf"))
+    else:
+        bias = attn_mask
+    return attn + bias
+
+
+class QAttention(_QAttentionBase):
+    """Quantized timm ``Attention`` (ViT / DeiT). ``x: (B, N, C)``."""
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
+                is_causal: bool = False) -> Tensor:
+        B, N, _ = x.shape
+        H, d = self.num_heads_q, self.head_dim_q
+        gate_mod = getattr(self, "gate", None)
+        gate = gate_mod(x).sigmoid() if gate_mod is not None else None
+        qkv = self.qkv(x)
+        q_norm = getattr(self, "q_norm", None)
+        k_norm = getattr(self, "k_norm", None)
+        plain = ((q_norm is None or isinstance(q_norm, nn.Identity))
+                 and (k_norm is None or isinstance(k_norm, nn.Identity)))
+        if plain:
+            qkv = self._quant_qkv(qkv, B * N)
+        q, k, v = qkv.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+        if not plain:
+            q, k = q_norm(q), k_norm(k)
+            q, k, v = (self._maybe(self.q_quant, q), self._maybe(self.k_quant, k),
+                       self._maybe(self.v_quant, v))
+        q = q * self.scale
+        attn = q @ k.transpose(-2, -1)
+        attn = _add_mask(attn, attn_mask, is_causal)
+        attn = attn.softmax(dim=-1)
+        attn = self.attn_drop(attn)
+        attn = self._maybe(self.attn_quant, attn)
+        x = attn @ v
+        x = x.transpose(1, 2).reshape(B, N, H * d)
+        norm = getattr(self, "norm", None)
+        if norm is not None:
+            x = norm(x)
+        if gate is not None:
+            x = x * gate
+        x = self.proj(x)
+        x = self.proj_drop(x)
+        self.attn_shape = (B, H, N, d)
+        return x
+
+
+class QWindowAttention(_QAttentionBase):
+    """Quantized Swin ``WindowAttention``; relative position bias and shift mask kept exactly.
+
+    ``x: (num_windows*B, N, C)``, ``mask: (num_windows, N, N)`` or None.
+    """
+
+    def _rel_pos_bias(self) -> Tensor:
+        n = self.window_area
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(n, n, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        B_, N, _ = x.shape
+        H, d = self.num_heads_q, self.head_dim_q
+        qkv = self._quant_qkv(self.qkv(x), B_ * N)
+        q, k, v = qkv.reshape(B_, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+        q = q * self.scale
+        attn = q @ k.transpose(-2, -1)
+        attn = attn + self._rel_pos_bias()
+        if mask is not None:
+            num_win = mask.shape[0]
+            attn = attn.view(-1, num_win, H, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, H, N, N)
+        attn = self.softmax(attn)
+        attn = self.attn_drop(attn)
+        attn = self._maybe(self.attn_quant, attn)
+        x = attn @ v
+        x = x.transpose(1, 2).reshape(B_, N, H * d)
+        x = self.proj(x)
+        x = self.proj_drop(x)
+        self.attn_shape = (B_, H, N, d)
+        return x

@@ -1,0 +1,193 @@
+"""Quantized linear and conv layers (weight and input quantizers), drop-in for timm's.
+
+``QLinear`` / ``QConv2d`` subclass ``nn.Linear`` / ``nn.Conv2d`` and re-use the
+float module's weight and bias Parameters, so timm code that inspects them keeps
+working and checkpoints load. The matmul itself stays a float matmul of
+fake-quantized operands (quantization-aware training).
+
+Bit accounting (used by :mod:`qvit.budget`): a layer records the number of
+output positions of its latest forward; BitOPs = MACs x b_w x b_a summed over
+weight rows / columns and input channels, with a disabled or absent
+quantizer counted at 32 bits.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import QuantizerConfig
+from ..quantizer import Quantizer
+from ._adopt import adopt, to_float
+
+__all__ = ["QLinear", "QConv2d", "FLOAT_BITS", "group_bits"]
+
+FLOAT_BITS = 32.0
+BitsFn = Callable[[Optional[Quantizer]], Optional[Tensor]]
+
+
+def group_bits(bits_of: BitsFn, q: Optional[Quantizer], size: int, ref: Tensor) -> Tensor:
+    """Bits of each of ``size`` channels from a quantizer with ``G`` groups (``size % G == 0``)."""
+    b = bits_of(q) if q is not None else None
+    if b is None:
+        return torch.full((size,), FLOAT_BITS, dtype=torch.float32, device=ref.device)
+    return b.repeat_interleave(size // b.numel())
+
+
+def _groups_for(cfg: QuantizerConfig, channels: int) -> int:
+    return channels if cfg.granularity == "channel" else 1
+
+
+class QLinear(nn.Linear):
+    """``nn.Linear`` with a weight quantizer and an input quantizer.
+
+    Weight groups split rows (``weight_dim=0``, e.g. per output channel or per
+    head of W_q/W_k/W_v) or columns (``weight_dim=1``, per head of W_proj); input
+    groups split the last dimension. Shapes: ``x (..., in_features)``.
+
+    Example::
+
+        >>> lin = QLinear.from_linear(nn.Linear(8, 4), QuantizerConfig(bits=4),
+        ...                           QuantizerConfig(bits=4))
+        >>> lin(torch.randn(2, 8)).shape
+        torch.Size([2, 4])
+    """
+
+    weight_quant: Optional[Quantizer]
+    act_quant: Optional[Quantizer]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, wcfg: Optional[QuantizerConfig],
+                    acfg: Optional[QuantizerConfig], *, weight_groups: Optional[int] = None,
+                    weight_dim: int = 0, act_groups: Optional[int] = None,
+                    first_last: bool = False) -> "QLinear":
+        """Wrap ``linear`` (same weight/bias Parameters). ``None`` config = leave that operand float.
+
+        ``weight_groups`` / ``act_groups`` default to the granularity of the config
+        (``"channel"``: one group per output row / input channel, else one).
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        adopt(self, linear)
+        dev = linear.weight.device
+        wq = aq = None
+        if wcfg is not None:
+            size = linear.out_features if weight_dim == 0 else linear.in_features
+            g = weight_groups if weight_groups is not None else _groups_for(wcfg, size)
+            if size % g:
+                raise ValueError(f"weight_groups={g} does not divide {size}")
+            wq = Quantizer(wcfg, g, weight_dim, first_last, role="weight", device=dev)
+        if acfg is not None:
+            g = act_groups if act_groups is not None else _groups_for(acfg, linear.in_features)
+            if linear.in_features % g:
+                raise ValueError(f"act_groups={g} does not divide in_features={linear.in_features}")
+            aq = Quantizer(acfg, g, -1, first_last, role="act", device=dev)
+        self.weight_quant = wq
+        self.act_quant = aq
+        self.weight_dim = weight_dim
+        self.first_last = first_last
+        self.positions = 0
+        return self
+
+    def to_float(self) -> nn.Linear:
+        """The float module this layer was made from (same Parameters)."""
+        return to_float(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.positions = x.numel() // self.in_features
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        w = self.weight
+        if self.weight_quant is not None:
+            w = self.weight_quant(w)
+        return F.linear(x, w, self.bias)
+
+    @torch.no_grad()
+    def init_weight_quantizers(self) -> None:
+        if self.weight_quant is not None and self.weight_quant.enabled:
+            self.weight_quant.init_from(self.weight)
+
+    def qvit_bitops(self, bits_of: BitsFn) -> Tensor:
+        """BitOPs of the latest forward (all positions, all images)."""
+        ba = group_bits(bits_of, self.act_quant, self.in_features, self.weight)
+        if self.weight_dim == 0:
+            bw = group_bits(bits_of, self.weight_quant, self.out_features, self.weight)
+            per_pos = bw.sum() * ba.sum()
+        else:
+            bw = group_bits(bits_of, self.weight_quant, self.in_features, self.weight)
+            per_pos = self.out_features * (bw * ba).sum()
+        return per_pos * self.positions
+
+    def qvit_size(self, bits_of: BitsFn) -> Tensor:
+        """Weight bits (biases stay float and are not counted)."""
+        size = self.out_features if self.weight_dim == 0 else self.in_features
+        other = self.weight.numel() // size
+        return group_bits(bits_of, self.weight_quant, size, self.weight).sum() * other
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + (", first_last" if self.first_last else "")
+
+
+class QConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (the patch embedding) with weight and input quantizers.
+
+    Weight groups split output channels; input groups split input channels (dim 1).
+    Shapes: ``x (B, C_in, H, W)``.
+    """
+
+    weight_quant: Optional[Quantizer]
+    act_quant: Optional[Quantizer]
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, wcfg: Optional[QuantizerConfig],
+                  acfg: Optional[QuantizerConfig], *, first_last: bool = False) -> "QConv2d":
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        adopt(self, conv)
+        dev = conv.weight.device
+        self.weight_quant = (Quantizer(wcfg, _groups_for(wcfg, conv.out_channels), 0, first_last,
+                                       role="weight", device=dev) if wcfg is not None else None)
+        self.act_quant = (Quantizer(acfg, _groups_for(acfg, conv.in_channels), 1, first_last,
+                                    role="act", device=dev) if acfg is not None else None)
+        self.first_last = first_last
+        self.positions = 0
+        return self
+
+    def to_float(self) -> nn.Conv2d:
+        return to_float(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        w = self.weight
+        if self.weight_quant is not None:
+            w = self.weight_quant(w)
+        y = self._conv_forward(x, w, self.bias)
+        self.positions = y.numel() // self.out_channels
+        return y
+
+    @torch.no_grad()
+    def init_weight_quantizers(self) -> None:
+        if self.weight_quant is not None and self.weight_quant.enabled:
+            self.weight_quant.init_from(self.weight)
+
+    def qvit_bitops(self, bits_of: BitsFn) -> Tensor:
+        bw = group_bits(bits_of, self.weight_quant, self.out_channels, self.weight)
+        ba = group_bits(bits_of, self.act_quant, self.in_channels, self.weight)
+        kernel = self.weight[0, 0].numel() / self.groups
+        return bw.sum() * ba.sum() * kernel * self.positions
+
+    def qvit_size(self, bits_of: BitsFn) -> Tensor:
+        per_row = self.weight.numel() // self.out_channels
+        return group_bits(bits_of, self.weight_quant, self.out_channels, self.weight).sum() * per_row
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + (", first_last" if self.first_last else "")

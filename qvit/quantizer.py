@@ -1,0 +1,344 @@
+"""The Q-ViT quantizer module: learned bits, switchable scale table, optional offset.
+
+One :class:`Quantizer` holds the state of one quantization site (Li et al.,
+"Q-ViT", arXiv 2201.07703, sections 1-3 of ``reference/method.md``):
+
+* ``bits [G]``: continuous bit-width per group (learned or fixed);
+* ``scale [Gs, K]``: one step size per candidate bit-width (``K = max - min + 1``),
+  per group (``Gs = G``) or shared (``Gs = 1``); the active entry follows the
+  rounded bit-width;
+* ``offset [Gs, K]``: LSQ+ offset table (only with ``offset=True``).
+
+Every table entry is initialised by the MSE fixed point for its own bit-width
+(``q = round(clamp(x/s)); s <- <x,q>/<q,q>``; with offset alternating
+``beta <- mean(x - s q)``, starting from ``beta = min(x)``), from the weights or
+from the first calibration batch. The arithmetic is :func:`qvit.ops.fake_quant`.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .config import QuantizerConfig
+from . import ops
+
+__all__ = ["Quantizer", "ste_bits", "mse_fit", "fused_fake_quant", "fake_quant"]
+
+# Calibration keeps at most this many elements per scale group (a random
+# subset of positions, the same for every group): the fit is a mean over
+# elements, a few hundred thousand samples pin it far below LSQ's noise.
+_MAX_SAMPLES = 1 << 16
+_MAX_ITERS = 20
+_REL_TOL = 1e-5
+
+
+_BACKEND = None
+
+
+def fake_quant(x, scale, bits, offset=None, **kw):
+    """:func:`qvit.ops.fake_quant`, or the pure-PyTorch reference (same contract)
+    when the compiled extension is not importable (warned once)."""
+    global _BACKEND
+    if _BACKEND is None:
+        info = ops.backend_info() if hasattr(ops, "backend_info") else {"c_loaded": True}
+        if info.get("c_loaded", True):
+            _BACKEND = ops.fake_quant
+        else:
+            import warnings
+            from . import reference
+            warnings.warn("qvit._C is not available (%s); quantizers run on the pure-PyTorch "
+                          "reference op" % info.get("c_import_error"), RuntimeWarning, stacklevel=3)
+            _BACKEND = reference.fake_quant
+    return _BACKEND(x, scale, bits, offset, **kw)
+
+
+def ste_bits(bits: Tensor, bits_range: Tuple[int, int]) -> Tensor:
+    """``round(clamp(bits))`` in the forward, identity gradient in the backward."""
+    lo, hi = bits_range
+    return bits + (torch.round(bits.clamp(lo, hi)) - bits).detach()
+
+
+def _sq_err(x: Tensor, s: Tensor, beta: Tensor, qn: float, qp: float) -> Tensor:
+    q = torch.round(torch.clamp((x - beta[:, None]) * (1.0 / s)[:, None], qn, qp))
+    return (q * s[:, None] + beta[:, None] - x).pow(2).mean(dim=1)
+
+
+def mse_fit(x: Tensor, bits: int, signed: bool, offset: bool) -> Tuple[Tensor, Tensor]:
+    """MSE-optimal step size (and offset) of every row of ``x [R, M]`` at ``bits``.
+
+    The MSE fixed point of the research code (``q = round(clamp((x-beta)/s));
+    s <- <x-beta, q>/<q, q>``, with an offset alternating ``beta <- mean(x - s q)``
+    from ``beta = min(x)``) converges slowly and to the nearest local minimum
+    when started at the full range, so it is started from the best of a
+    log-spaced grid of clipping ratios and then iterated.
+
+    Returns:
+        ``(scale [R], offset [R])``; the offset is zeros without ``offset``.
+    """
+    x = x.float()
+    if signed:
+        qn, qp = -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
+    else:
+        qn, qp = 0.0, 2.0 ** bits - 1
+    if offset:
+        beta0 = x.amin(dim=1)
+        span = (x.amax(dim=1) - beta0) / (qp - qn)
+        beta0 = beta0 - qn * span
+    else:
+        beta0 = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        span = (x.abs().amax(dim=1) if signed else x.clamp_min(0).amax(dim=1)) / qp
+    dead = ~(span > 0) | ~torch.isfinite(span)
+    span = torch.where(dead, torch.ones_like(span), span)
+    best_s, best_err = span.clone(), _sq_err(x, span, beta0, qn, qp)
+    for ratio in torch.logspace(-3, 0, 40).tolist()[:-1]:
+        s = span * ratio
+        err = _sq_err(x, s, beta0, qn, qp)
+        better = err < best_err
+        best_s = torch.where(better, s, best_s)
+        best_err = torch.where(better, err, best_err)
+    s, beta = best_s, beta0
+    for _ in range(_MAX_ITERS):
+        q = torch.round(torch.clamp((x - beta[:, None]) * (1.0 / s)[:, None], qn, qp))
+        if offset:
+            beta = (x - s[:, None] * q).mean(dim=1)
+        qq = (q * q).sum(dim=1)
+        s_new = (x - beta[:, None]).mul(q).sum(dim=1) / qq.clamp_min(1e-30)
+        s_new = torch.where((qq > 0) & (s_new > 0), s_new, s)
+        change = ((s_new - s).abs() / s).max()
+        s = s_new
+        if change < _REL_TOL:
+            break
+    s = torch.where(dead, torch.ones_like(s), s)
+    beta = torch.where(dead, torch.zeros_like(beta), beta) if offset else beta
+    return s, beta
+
+
+class Quantizer(nn.Module):
+    """Learnable fake quantizer of one site.
+
+    Args:
+        config: the :class:`~qvit.config.QuantizerConfig`.
+        groups: ``G``, the number of bit-width groups.
+        dim: the dimension of the input split into ``G`` equal contiguous groups.
+        first_last: marks a patch-embed / classifier quantizer (for budgets and reports).
+        role: ``"weight"`` (initialised from the weight) or ``"act"`` (from data).
+
+    Shapes: ``x`` of any shape with ``x.shape[dim] % G == 0``; output like ``x``.
+
+    Example::
+
+        >>> q = Quantizer(QuantizerConfig(bits=4))
+        >>> y = q(torch.randn(8, 16))   # initialised from this first batch
+    """
+
+    def __init__(self, config: QuantizerConfig, groups: int = 1, dim: int = 0,
+                 first_last: bool = False, role: str = "act", device=None):
+        super().__init__()
+        if not isinstance(config, QuantizerConfig):
+            raise TypeError(f"config must be a QuantizerConfig, got {type(config).__name__}")
+        if not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"groups must be a positive int, got {groups!r}")
+        self.config = config
+        self.groups = groups
+        self.dim = dim
+        self.signed = config.signed
+        self.bits_range = config.bits_range
+        self.granularity = config.granularity if groups > 1 else "tensor"
+        self.first_last = first_last
+        if role not in ("weight", "act"):
+            raise ValueError(f"role must be 'weight' or 'act', got {role!r}")
+        self.role = role
+        self.enabled = config.enabled
+        k = config.num_scales
+        gs = 1 if config.shared_scale else groups
+        dd = dict(device=device, dtype=torch.float32)
+        self.bits = nn.Parameter(torch.full((groups,), config.bits, **dd),
+                                 requires_grad=config.learn_bits)
+        self.scale = nn.Parameter(torch.ones(gs, k, **dd))
+        self.offset = nn.Parameter(torch.zeros(gs, k, **dd)) if config.offset else None
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=device))
+        self.register_buffer("scale_floor", torch.full((gs, k), 1e-8, **dd))
+        self._observing = False
+        self._samples: List[Tensor] = []
+        self.last_numel = 0
+
+    # ----------------------------------------------------------------- state
+    @property
+    def learn_bits(self) -> bool:
+        return self.config.learn_bits
+
+    @property
+    def num_scale_rows(self) -> int:
+        return self.scale.shape[0]
+
+    def rounded_bits(self) -> Tensor:
+        """Current integer bit-width per group (no gradient)."""
+        lo, hi = self.bits_range
+        return torch.round(self.bits.detach().clamp(lo, hi))
+
+    def ste_bits(self) -> Tensor:
+        """Rounded bit-widths ``[G]`` with the straight-through gradient to ``bits``."""
+        return ste_bits(self.bits, self.bits_range)
+
+    def expanded_tables(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """``scale`` (and ``offset``) as ``[G, K]`` tables, for fusing quantizers in one call."""
+        g, k = self.groups, self.scale.shape[1]
+        s = self.scale.expand(g, k)
+        o = self.offset.expand(g, k) if self.offset is not None else None
+        return s, o
+
+    @torch.no_grad()
+    def clamp_bits_(self) -> "Quantizer":
+        """Project ``bits`` into ``bits_range`` and floor the scale table (call after each step)."""
+        lo, hi = self.bits_range
+        self.bits.clamp_(lo, hi)
+        torch.maximum(self.scale, self.scale_floor, out=self.scale)
+        return self
+
+    @torch.no_grad()
+    def set_bits_(self, bits) -> "Quantizer":
+        """Set the bit-widths (a number or ``G`` values) in place."""
+        value = torch.as_tensor(bits, dtype=self.bits.dtype, device=self.bits.device)
+        lo, hi = self.bits_range
+        if value.numel() not in (1, self.groups):
+            raise ValueError(f"bits must have 1 or {self.groups} values, got {value.numel()}")
+        if not bool(((value >= lo) & (value <= hi)).all()):
+            raise ValueError(f"bits {value.tolist()} are outside bits_range {self.bits_range}")
+        self.bits.copy_(value.expand(self.groups) if value.numel() == 1 else value.reshape(-1))
+        return self
+
+    # ------------------------------------------------------------------ init
+    def _grouped(self, x: Tensor) -> Tensor:
+        """``x`` as ``[Gs, M]`` rows, one per scale-table row, sub-sampled."""
+        from .reference import group_shape
+        x = x.detach()
+        outer, g, inner = group_shape(x.shape, self.dim, self.groups)
+        xv = x.reshape(outer, g, inner).transpose(0, 1).reshape(g, outer * inner)
+        if self.scale.shape[0] == 1:
+            xv = xv.reshape(1, -1)
+        m = xv.shape[1]
+        if m > _MAX_SAMPLES:
+            gen = torch.Generator(device="cpu").manual_seed(m)
+            idx = torch.randperm(m, generator=gen)[:_MAX_SAMPLES].to(xv.device)
+            xv = xv[:, idx]
+        return xv.float()
+
+    @torch.no_grad()
+    def init_from(self, x: Tensor) -> "Quantizer":
+        """Fit every scale (and offset) table entry for its own bit-width on ``x``.
+
+        ``x`` is a weight or a batch of activations laid out as this quantizer's
+        input. Head-wise / channel-wise quantizers with per-group tables get one
+        fit per group; shared tables one fit over all groups.
+
+        Raises:
+            ValueError: ``x`` is empty, non-finite, or does not split into ``G`` groups.
+        """
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+        if x.numel() == 0:
+            raise ValueError("x is empty: cannot initialise a quantizer from no data")
+        rows = self._grouped(x)
+        if not bool(torch.isfinite(rows).all()):
+            raise ValueError("x contains non-finite values: cannot initialise the quantizer")
+        self._fit_rows(rows)
+        return self
+
+    def _fit_rows(self, rows: Tensor) -> None:
+        lo, hi = self.bits_range
+        use_offset = self.offset is not None
+        for j, b in enumerate(range(lo, hi + 1)):
+            s, beta = mse_fit(rows, b, self.signed, use_offset)
+            self.scale[:, j].copy_(s.to(self.scale.dtype))
+            if use_offset:
+                self.offset[:, j].copy_(beta.to(self.offset.dtype))
+        self.scale_floor.copy_((self.scale * 1e-4).clamp_min(1e-8))
+        self.initialized.fill_(True)
+
+    # ------------------------------------------------------------ calibration
+    def start_observing(self) -> None:
+        """Collect inputs (passed through unquantized) until :meth:`finish_observing`."""
+        self._observing = True
+        self._samples = []
+
+    @torch.no_grad()
+    def finish_observing(self) -> bool:
+        """Fit the tables on everything observed; returns False when nothing was seen."""
+        self._observing = False
+        samples, self._samples = self._samples, []
+        if not samples:
+            return False
+        rows = torch.cat(samples, dim=1)
+        if rows.shape[1] > 4 * _MAX_SAMPLES:
+            gen = torch.Generator(device="cpu").manual_seed(rows.shape[1])
+            idx = torch.randperm(rows.shape[1], generator=gen)[:4 * _MAX_SAMPLES]
+            rows = rows[:, idx.to(rows.device)]
+        self._fit_rows(rows)
+        return True
+
+    def prepare(self, x: Tensor) -> bool:
+        """Handle observation and lazy initialisation; True when ``x`` should be quantized."""
+        self.last_numel = x.numel()
+        if not self.enabled:
+            return False
+        if self._observing:
+            self._samples.append(self._grouped(x))
+            return False
+        if not bool(self.initialized):
+            self.init_from(x)
+        return True
+
+    # --------------------------------------------------------------- forward
+    def quantize(self, x: Tensor) -> Tensor:
+        """The fake-quant op alone (no initialisation, ignores ``enabled``)."""
+        return fake_quant(x, self.scale, self.bits, self.offset, signed=self.signed,
+                              dim=self.dim, bits_range=self.bits_range)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.prepare(x):
+            return x
+        return self.quantize(x)
+
+    def extra_repr(self) -> str:
+        b = self.rounded_bits().to(torch.int64).tolist()
+        bits = str(b[0]) if len(b) == 1 else str(b)
+        parts = [self.role, f"bits={bits}", f"range={self.bits_range[0]}..{self.bits_range[1]}",
+                 "learned" if self.learn_bits else "fixed",
+                 "signed" if self.signed else "unsigned", self.granularity]
+        if self.groups > 1:
+            parts.append(f"groups={self.groups}")
+            if self.scale.shape[0] == 1:
+                parts.append("shared_scale")
+        if self.offset is not None:
+            parts.append("offset")
+        if not self.enabled:
+            parts.append("disabled")
+        if not bool(self.initialized):
+            parts.append("uninitialized")
+        return ", ".join(parts)
+
+
+def fused_fake_quant(x: Tensor, quantizers: List[Quantizer], dim: int = 1) -> Tensor:
+    """Fake-quantize consecutive chunks of dimension ``dim`` of ``x`` with several quantizers at once.
+
+    ``x.shape[dim]`` is split in ``len(quantizers)`` equal parts; part ``i`` is
+    quantized by ``quantizers[i]`` (its groups subdivide the part). All must share
+    signedness, bit range, enabled state and group count. One op call, no copies.
+    """
+    n = len(quantizers)
+    chunks = x.chunk(n, dim=dim)
+    use = [q.prepare(c) for q, c in zip(quantizers, chunks)]
+    if not any(use):
+        return x
+    if not all(use):
+        return torch.cat([q.quantize(c) if u else c for q, c, u in zip(quantizers, chunks, use)], dim=dim)
+    q0 = quantizers[0]
+    scales, offsets = zip(*(q.expanded_tables() for q in quantizers))
+    bits = torch.cat([q.bits for q in quantizers])
+    scale = torch.cat(scales)
+    offset = torch.cat(offsets) if q0.offset is not None else None
+    return fake_quant(x, scale, bits, offset, signed=q0.signed, dim=dim,
+                          bits_range=q0.bits_range)
