@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from helpers import LAYOUTS, decode, make_params, tie_free_input
+from helpers import LAYOUTS, decode, frozen_surrogate, make_params, tie_free_input
 from qvit import reference
 
 LN2 = math.log(2.0)
@@ -167,29 +167,6 @@ def test_closed_form_matches_autograd_of_composite(layout, signed, with_offset, 
         torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12, msg=name)
 
 
-def _frozen_surrogate(x, scale, offset, bits, signed, dim, br, base=None):
-    """The function whose true derivative the straight-through gradient is.
-
-    Rounding residuals ``round(v0) - v0`` and the clip masks are frozen at the
-    unperturbed input (``.detach()`` of the base point), so inside the range
-    ``y = (v + c0) * s + beta`` and outside ``y = Q * s + beta``: smooth in x,
-    scale and offset. Written here independently of the reference.
-    """
-    outer, g, inner = reference.group_shape(x.shape, dim, bits.numel())
-    s_, _, qn, qp = decode(scale.detach(), bits, None, signed, br)
-    bhat = [round(min(max(float(b), br[0]), br[1])) for b in bits]
-    rows = [0 if scale.shape[0] == 1 else i for i in range(g)]
-    cols = [b - br[0] for b in bhat]
-    s = scale[rows, cols].view(1, g, 1)
-    beta = offset[rows, cols].view(1, g, 1) if offset is not None else torch.zeros_like(s)
-    v = (x.reshape(outer, g, inner) - beta) / s
-    v0 = v.detach() if base is None else base
-    c0 = torch.round(v0) - v0
-    qn, qp = qn.view(1, g, 1), qp.view(1, g, 1)
-    y = torch.where(v0 > qp, qp * s + beta, torch.where(v0 < qn, qn * s + beta, (v + c0) * s + beta))
-    return y.reshape(x.shape), v0
-
-
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("signed", [True, False])
 def test_gradcheck_composite(layout, signed):
@@ -213,11 +190,11 @@ def test_gradcheck_composite(layout, signed):
 
     # Residuals and masks frozen at the unperturbed point; eps keeps every
     # perturbed v within its margin from ties and clip edges.
-    _, v_base = _frozen_surrogate(x.detach(), scale.detach(), offset, bits, signed, dim, br)
+    _, v_base = frozen_surrogate(x.detach(), scale.detach(), offset, bits, signed, dim, br)
 
     def f(x, scale, offset=None):
         ref = reference.fake_quant(x, scale, bits, offset, signed=signed, dim=dim, grad_scale=1.0)
-        sur, _ = _frozen_surrogate(x, scale, offset, bits, signed, dim, br, base=v_base)
+        sur, _ = frozen_surrogate(x, scale, offset, bits, signed, dim, br, base=v_base)
         return sur.detach() + (ref - ref.detach())
 
     assert torch.autograd.gradcheck(f, inputs, eps=1e-7, atol=1e-6)
