@@ -1,23 +1,691 @@
-/* fq_cpu.c - CPU forward / backward of the learnable fake-quant op. */
-#include "qvit.h"
+/* fq_cpu.c - CPU forward and backward of the learnable fake-quant op.
+ *
+ * x is viewed as [outer, G, inner] (qvit.h); the element math is the one of
+ * fq_math.h. Two loop shapes cover the layouts:
+ *   - "segments" (inner > QVIT_SMALL_INNER: per-tensor, per-head): the flat
+ *     array is cut into chunks; inside a chunk every run of one group is a
+ *     segment processed with the group's parameters as scalars;
+ *   - "rows" (inner small: per-channel inner = 1, proj columns inner = d): x
+ *     is [outer, R = G*inner]; the parameters are expanded once to R-vectors
+ *     and chunks are blocks of rows x blocks of columns, so the inner loop
+ *     runs along the contiguous row with vector parameters.
+ * Backward reductions are deterministic for any thread count: the chunking
+ * depends on the shape only, each chunk sums in fixed-width lanes (fp32 for
+ * fp32/fp16/bf16 x), the lanes are added in order in double, and the chunk
+ * partials are added in chunk order in double.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "fq_math.h"
+#include "half.h"
+#include "qvit.h"
+
+/* Hot loops are compiled for AVX-512, AVX2 and baseline x86-64; the ifunc
+ * resolver picks one at load time. Elsewhere they are compiled once. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
+    !defined(QVIT_NO_CLONES) && (__GNUC__ >= 12)
+#define QVIT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define QVIT_CLONES
+#endif
+
+enum {
+    QVIT_CHUNK = 16384,          /* elements per chunk (shape-only, not thread-count) */
+    QVIT_SMALL_INNER = 64,       /* inner <= this: the "rows" loops */
+    QVIT_COL_BLOCK = 4096,       /* max columns of a "rows" chunk */
+    QVIT_PAR_MIN = 32768,        /* fewer elements: one thread */
+    QVIT_LANES = 16              /* accumulator lanes of the segment backward */
+};
+/* Bound on (number of chunks) x G of the backward partials (doubles x 3). */
+#define QVIT_PARTIAL_BUDGET ((int64_t)1 << 18)
+
+/* ------------------------------------------------------------------------ */
+/* Hot loops, one set per x dtype. LOAD / STORE convert to / from the math
+ * type; FWD / BWD are the fq_math.h element functions. */
+
+static inline float load_f32(float v) { return v; }
+static inline float store_f32(float v) { return v; }
+static inline double load_f64(double v) { return v; }
+static inline double store_f64(double v) { return v; }
+
+#define QVIT_DEFINE_LOOPS(SFX, XT, AT, GT, LOAD, STORE, FWD, BWD)                     \
+    QVIT_CLONES static void fwd_seg_##SFX(const void *xv, void *yv, int64_t n,         \
+                                          const void *gv)                              \
+    {                                                                                  \
+        const XT *x = (const XT *)xv;                                                  \
+        XT *y = (XT *)yv;                                                              \
+        const GT g = *(const GT *)gv;                                                  \
+        for (int64_t i = 0; i < n; i++) {                                              \
+            y[i] = STORE(FWD(LOAD(x[i]), g));                                          \
+        }                                                                              \
+    }                                                                                  \
+                                                                                       \
+    QVIT_CLONES static void fwd_rows_##SFX(const void *xv, void *yv, int64_t rows,     \
+                                           int64_t stride, int64_t w,                  \
+                                           const void *const prm[4])                   \
+    {                                                                                  \
+        const AT *restrict s = (const AT *)prm[0];                                     \
+        const AT *restrict beta = (const AT *)prm[1];                                  \
+        const AT *restrict qn = (const AT *)prm[2];                                    \
+        const AT *restrict qp = (const AT *)prm[3];                                    \
+        for (int64_t r = 0; r < rows; r++) {                                           \
+            const XT *x = (const XT *)xv + r * stride;                                 \
+            XT *y = (XT *)yv + r * stride;                                             \
+            for (int64_t j = 0; j < w; j++) {                                          \
+                GT g = {s[j], beta[j], qn[j], qp[j]};                                  \
+                y[j] = STORE(FWD(LOAD(x[j]), g));                                      \
+            }                                                                          \
+        }                                                                              \
+    }                                                                                  \
+                                                                                       \
+    /* Adds the segment's sums (r, hi, lo) to out[0..2]. */                            \
+    QVIT_CLONES static void bwd_seg_##SFX(const void *xv, const void *uv, void *gxv,   \
+                                          int64_t n, const void *gv, double out[3])    \
+    {                                                                                  \
+        const XT *x = (const XT *)xv;                                                  \
+        const XT *u = (const XT *)uv;                                                  \
+        XT *gx = (XT *)gxv;                                                            \
+        const GT g = *(const GT *)gv;                                                  \
+        AT ar[QVIT_LANES] = {0}, ah[QVIT_LANES] = {0}, al[QVIT_LANES] = {0};           \
+        int64_t i = 0;                                                                 \
+        for (; i + QVIT_LANES <= n; i += QVIT_LANES) {                                 \
+            for (int l = 0; l < QVIT_LANES; l++) {                                     \
+                gx[i + l] = STORE(BWD(LOAD(x[i + l]), LOAD(u[i + l]), g, &ar[l],       \
+                                      &ah[l], &al[l]));                                \
+            }                                                                          \
+        }                                                                              \
+        for (; i < n; i++) {                                                           \
+            gx[i] = STORE(BWD(LOAD(x[i]), LOAD(u[i]), g, &ar[0], &ah[0], &al[0]));     \
+        }                                                                              \
+        for (int l = 0; l < QVIT_LANES; l++) {                                         \
+            out[0] += (double)ar[l];                                                   \
+            out[1] += (double)ah[l];                                                   \
+            out[2] += (double)al[l];                                                   \
+        }                                                                              \
+    }                                                                                  \
+                                                                                       \
+    /* Per-column sums over the rows into acc[0..2][0..w) (not cleared here). */       \
+    QVIT_CLONES static void bwd_rows_##SFX(const void *xv, const void *uv, void *gxv,  \
+                                           int64_t rows, int64_t stride, int64_t w,    \
+                                           const void *const prm[4], void *const acc[3]) \
+    {                                                                                  \
+        const AT *restrict s = (const AT *)prm[0];                                     \
+        const AT *restrict beta = (const AT *)prm[1];                                  \
+        const AT *restrict qn = (const AT *)prm[2];                                    \
+        const AT *restrict qp = (const AT *)prm[3];                                    \
+        AT *restrict ar = (AT *)acc[0];                                                \
+        AT *restrict ah = (AT *)acc[1];                                                \
+        AT *restrict al = (AT *)acc[2];                                                \
+        for (int64_t r = 0; r < rows; r++) {                                           \
+            const XT *x = (const XT *)xv + r * stride;                                 \
+            const XT *u = (const XT *)uv + r * stride;                                 \
+            XT *gx = (XT *)gxv + r * stride;                                           \
+            for (int64_t j = 0; j < w; j++) {                                          \
+                GT g = {s[j], beta[j], qn[j], qp[j]};                                  \
+                gx[j] = STORE(BWD(LOAD(x[j]), LOAD(u[j]), g, &ar[j], &ah[j], &al[j])); \
+            }                                                                          \
+        }                                                                              \
+    }
+
+QVIT_DEFINE_LOOPS(f32, float, float, qvit_group_f32, load_f32, store_f32,
+                  qvit_fq_fwd_f32, qvit_fq_bwd_f32)
+QVIT_DEFINE_LOOPS(f16, uint16_t, float, qvit_group_f32, qvit_f16_to_f32, qvit_f32_to_f16,
+                  qvit_fq_fwd_f32, qvit_fq_bwd_f32)
+QVIT_DEFINE_LOOPS(bf16, uint16_t, float, qvit_group_f32, qvit_bf16_to_f32, qvit_f32_to_bf16,
+                  qvit_fq_fwd_f32, qvit_fq_bwd_f32)
+QVIT_DEFINE_LOOPS(f64, double, double, qvit_group_f64, load_f64, store_f64,
+                  qvit_fq_fwd_f64, qvit_fq_bwd_f64)
+
+/* The loops of one x dtype, and the sizes the generic drivers need. */
+typedef struct loops {
+    void (*fwd_seg)(const void *, void *, int64_t, const void *);
+    void (*fwd_rows)(const void *, void *, int64_t, int64_t, int64_t, const void *const[4]);
+    void (*bwd_seg)(const void *, const void *, void *, int64_t, const void *, double[3]);
+    void (*bwd_rows)(const void *, const void *, void *, int64_t, int64_t, int64_t,
+                     const void *const[4], void *const[3]);
+    size_t xsize;  /* bytes per x element */
+    size_t asize;  /* bytes of the math type: 4 (float) or 8 (double) */
+    size_t gsize;  /* bytes of the group struct */
+} loops;
+
+static const loops LOOPS_F32 = {fwd_seg_f32, fwd_rows_f32, bwd_seg_f32, bwd_rows_f32,
+                                sizeof(float), sizeof(float), sizeof(qvit_group_f32)};
+static const loops LOOPS_F16 = {fwd_seg_f16, fwd_rows_f16, bwd_seg_f16, bwd_rows_f16,
+                                sizeof(uint16_t), sizeof(float), sizeof(qvit_group_f32)};
+static const loops LOOPS_BF16 = {fwd_seg_bf16, fwd_rows_bf16, bwd_seg_bf16, bwd_rows_bf16,
+                                 sizeof(uint16_t), sizeof(float), sizeof(qvit_group_f32)};
+static const loops LOOPS_F64 = {fwd_seg_f64, fwd_rows_f64, bwd_seg_f64, bwd_rows_f64,
+                                sizeof(double), sizeof(double), sizeof(qvit_group_f64)};
+
+static const loops *loops_for(qvit_dtype d)
+{
+    switch (d) {
+    case QVIT_F32: return &LOOPS_F32;
+    case QVIT_F16: return &LOOPS_F16;
+    case QVIT_BF16: return &LOOPS_BF16;
+    case QVIT_F64: return &LOOPS_F64;
+    }
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Parameters */
+
+static int64_t numel_of(const qvit_fq_params *p)
+{
+    return p->outer * p->groups * p->inner;
+}
 
 qvit_status qvit_fq_check_params(const qvit_fq_params *p)
 {
-    if (!p || p->outer < 0 || p->groups < 1 || p->inner < 0) {
+    if (!p) {
+        return QVIT_ERR_BAD_ARG;
+    }
+    if (p->outer < 0 || p->groups < 1 || p->inner < 0) {
+        return QVIT_ERR_BAD_ARG;
+    }
+    if (p->scale_groups != 1 && p->scale_groups != p->groups) {
+        return QVIT_ERR_BAD_ARG;
+    }
+    if (p->bits_min < 1 || p->bits_max < p->bits_min || p->bits_max > 24) {
+        return QVIT_ERR_BAD_ARG;
+    }
+    if (p->is_signed != 0 && p->is_signed != 1) {
+        return QVIT_ERR_BAD_ARG;
+    }
+    if (p->is_signed && p->bits_min < 2) {
+        return QVIT_ERR_BAD_ARG;
+    }
+    if (p->has_offset != 0 && p->has_offset != 1) {
+        return QVIT_ERR_BAD_ARG;
+    }
+    if (p->grad_scale != p->grad_scale) {
+        return QVIT_ERR_BAD_ARG;
+    }
+    /* outer * groups * inner must not overflow int64 */
+    if (p->inner > 0 && p->groups > INT64_MAX / p->inner) {
+        return QVIT_ERR_BAD_ARG;
+    }
+    if (p->outer > 0 && p->groups * p->inner > INT64_MAX / p->outer) {
+        return QVIT_ERR_BAD_ARG;
+    }
+    switch (p->x_dtype) {
+    case QVIT_F32:
+    case QVIT_F16:
+    case QVIT_BF16:
+        if (p->param_dtype != QVIT_F32) {
+            return QVIT_ERR_DTYPE;
+        }
+        break;
+    case QVIT_F64:
+        if (p->param_dtype != QVIT_F64) {
+            return QVIT_ERR_DTYPE;
+        }
+        break;
+    default:
+        return QVIT_ERR_DTYPE;
+    }
+    if (!p->scale || !p->bits || (p->has_offset && !p->offset)) {
+        return QVIT_ERR_BAD_ARG;
+    }
+    if (numel_of(p) > 0 && !p->x) {
         return QVIT_ERR_BAD_ARG;
     }
     return QVIT_OK;
 }
 
+static double param_at(const qvit_fq_params *p, const void *base, int64_t i)
+{
+    return p->param_dtype == QVIT_F64 ? ((const double *)base)[i]
+                                      : (double)((const float *)base)[i];
+}
+
+static int finite(double v)
+{
+    return v - v == 0.0;  /* false for Inf and NaN */
+}
+
+/* Bits finite; every scale entry finite and > 0; every offset entry finite. */
+static qvit_status check_values(const qvit_fq_params *p)
+{
+    int64_t k = (int64_t)(p->bits_max - p->bits_min + 1);
+    int64_t n_table = p->scale_groups * k;
+    for (int64_t g = 0; g < p->groups; g++) {
+        if (!finite(param_at(p, p->bits, g))) {
+            return QVIT_ERR_BAD_BITS;
+        }
+    }
+    for (int64_t i = 0; i < n_table; i++) {
+        double s = param_at(p, p->scale, i);
+        if (!finite(s) || !(s > 0.0)) {
+            return QVIT_ERR_BAD_SCALE;
+        }
+    }
+    if (p->has_offset) {
+        for (int64_t i = 0; i < n_table; i++) {
+            if (!finite(param_at(p, p->offset, i))) {
+                return QVIT_ERR_BAD_OFFSET;
+            }
+        }
+    }
+    return QVIT_OK;
+}
+
+/* Decoded group g: rounded bit-width, table slot, and the math-type struct. */
+typedef struct group_info {
+    int bhat;
+    int64_t slot;   /* row * K + (bhat - bits_min) */
+    double s, beta, qn, qp;
+} group_info;
+
+static group_info decode_group(const qvit_fq_params *p, int64_t g)
+{
+    group_info d;
+    int64_t k = (int64_t)(p->bits_max - p->bits_min + 1);
+    int64_t row = p->scale_groups == 1 ? 0 : g;
+    d.bhat = qvit_round_bits(param_at(p, p->bits, g), p->bits_min, p->bits_max);
+    d.slot = row * k + (d.bhat - p->bits_min);
+    d.s = param_at(p, p->scale, d.slot);
+    d.beta = p->has_offset ? param_at(p, p->offset, d.slot) : 0.0;
+    d.qn = qvit_qn(d.bhat, p->is_signed);
+    d.qp = qvit_qp(d.bhat, p->is_signed);
+    return d;
+}
+
+/* Fills G group structs of the math type (float or double) into out. */
+static void decode_groups(const qvit_fq_params *p, void *out)
+{
+    for (int64_t g = 0; g < p->groups; g++) {
+        group_info d = decode_group(p, g);
+        if (p->param_dtype == QVIT_F64) {
+            qvit_group_f64 v = {d.s, d.beta, d.qn, d.qp};
+            ((qvit_group_f64 *)out)[g] = v;
+        } else {
+            qvit_group_f32 v = {(float)d.s, (float)d.beta, (float)d.qn, (float)d.qp};
+            ((qvit_group_f32 *)out)[g] = v;
+        }
+    }
+}
+
+/* Expands the group structs to four R-vectors (s, beta, qn, qp), R = G*inner:
+ * the parameters of the "rows" loops. prm is one block of 4*R math-type values. */
+static void expand_groups(const qvit_fq_params *p, const loops *lp, const void *groups,
+                          void *prm)
+{
+    int64_t r = p->groups * p->inner;
+    for (int64_t g = 0; g < p->groups; g++) {
+        const char *gs = (const char *)groups + (size_t)g * lp->gsize;
+        for (int f = 0; f < 4; f++) {
+            char *dst = (char *)prm + ((size_t)f * (size_t)r + (size_t)(g * p->inner)) * lp->asize;
+            for (int64_t i = 0; i < p->inner; i++) {
+                memcpy(dst + (size_t)i * lp->asize, gs + (size_t)f * lp->asize, lp->asize);
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Chunking (shape only) */
+
+static int team_size(const qvit_fq_params *p, int64_t nchunks)
+{
+#ifdef _OPENMP
+    int nt = p->num_threads > 0 ? p->num_threads : omp_get_max_threads();
+#else
+    int nt = 1;
+#endif
+    if (numel_of(p) < QVIT_PAR_MIN) {
+        nt = 1;
+    }
+    if ((int64_t)nt > nchunks) {
+        nt = (int)nchunks;
+    }
+    return nt < 1 ? 1 : nt;
+}
+
+static int64_t ceil_div(int64_t a, int64_t b)
+{
+    return a / b + (a % b != 0);
+}
+
+/* "segments" layout: flat chunks of `len` elements. For the backward the
+ * number of chunks is bounded so that nchunks * G stays within the budget. */
+static int64_t seg_chunk_len(const qvit_fq_params *p, int bounded)
+{
+    int64_t n = numel_of(p);
+    int64_t len = QVIT_CHUNK;
+    if (bounded) {
+        int64_t max_chunks = QVIT_PARTIAL_BUDGET / p->groups;
+        if (max_chunks < 1) {
+            max_chunks = 1;
+        }
+        if (ceil_div(n, len) > max_chunks) {
+            len = ceil_div(n, max_chunks);
+        }
+    }
+    return len;
+}
+
+/* "rows" layout: column blocks of whole groups (cols, a multiple of inner)
+ * and row blocks of `rows` rows. */
+typedef struct rows_plan {
+    int64_t width;      /* R = G * inner */
+    int64_t cols;       /* columns per block */
+    int64_t nb_cols;
+    int64_t rows;       /* rows per block */
+    int64_t nb_rows;
+} rows_plan;
+
+static rows_plan plan_rows(const qvit_fq_params *p, int bounded)
+{
+    rows_plan rp;
+    int64_t per = QVIT_COL_BLOCK / p->inner;
+    rp.width = p->groups * p->inner;
+    rp.cols = (per < 1 ? 1 : per) * p->inner;
+    if (rp.cols > rp.width) {
+        rp.cols = rp.width;
+    }
+    rp.nb_cols = ceil_div(rp.width, rp.cols);
+    rp.rows = QVIT_CHUNK / rp.cols;
+    if (rp.rows < 1) {
+        rp.rows = 1;
+    }
+    if (bounded) {
+        int64_t max_blocks = QVIT_PARTIAL_BUDGET / p->groups;
+        if (max_blocks < 1) {
+            max_blocks = 1;
+        }
+        if (ceil_div(p->outer, rp.rows) > max_blocks) {
+            rp.rows = ceil_div(p->outer, max_blocks);
+        }
+    }
+    rp.nb_rows = ceil_div(p->outer, rp.rows);
+    return rp;
+}
+
+static int use_rows(const qvit_fq_params *p)
+{
+    return p->inner <= QVIT_SMALL_INNER;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Forward */
+
+static void forward_segments(const qvit_fq_params *p, const loops *lp, const void *groups)
+{
+    const int64_t n = numel_of(p);
+    const int64_t len = seg_chunk_len(p, 0);
+    const int64_t nchunks = ceil_div(n, len);
+    const int nt = team_size(p, nchunks);
+    const char *x = (const char *)p->x;
+    char *y = (char *)p->y;
+
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t c = 0; c < nchunks; c++) {
+        int64_t f = c * len;
+        int64_t end = f + len < n ? f + len : n;
+        while (f < end) {
+            int64_t row = f / p->inner;
+            int64_t g = row % p->groups;
+            int64_t seg_end = (row + 1) * p->inner;
+            int64_t m = (seg_end < end ? seg_end : end) - f;
+            lp->fwd_seg(x + (size_t)f * lp->xsize, y + (size_t)f * lp->xsize, m,
+                        (const char *)groups + (size_t)g * lp->gsize);
+            f += m;
+        }
+    }
+}
+
+static void forward_rows(const qvit_fq_params *p, const loops *lp, const void *prm)
+{
+    const rows_plan rp = plan_rows(p, 0);
+    const int64_t nchunks = rp.nb_rows * rp.nb_cols;
+    const int nt = team_size(p, nchunks);
+    const char *x = (const char *)p->x;
+    char *y = (char *)p->y;
+
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t c = 0; c < nchunks; c++) {
+        int64_t rb = c / rp.nb_cols, cb = c % rp.nb_cols;
+        int64_t r0 = rb * rp.rows, j0 = cb * rp.cols;
+        int64_t nr = (r0 + rp.rows < p->outer ? r0 + rp.rows : p->outer) - r0;
+        int64_t w = (j0 + rp.cols < rp.width ? j0 + rp.cols : rp.width) - j0;
+        const void *pv[4];
+        for (int f = 0; f < 4; f++) {
+            pv[f] = (const char *)prm + ((size_t)f * (size_t)rp.width + (size_t)j0) * lp->asize;
+        }
+        size_t off = ((size_t)r0 * (size_t)rp.width + (size_t)j0) * lp->xsize;
+        lp->fwd_rows(x + off, y + off, nr, rp.width, w, pv);
+    }
+}
+
 qvit_status qvit_fq_forward_cpu(const qvit_fq_params *p)
 {
-    (void)p;
-    return QVIT_ERR_DTYPE;
+    qvit_status st = qvit_fq_check_params(p);
+    if (st != QVIT_OK) {
+        return st;
+    }
+    if (numel_of(p) > 0 && !p->y) {
+        return QVIT_ERR_BAD_ARG;
+    }
+    st = check_values(p);
+    if (st != QVIT_OK || numel_of(p) == 0) {
+        return st;
+    }
+    const loops *lp = loops_for(p->x_dtype);
+    void *groups = malloc((size_t)p->groups * lp->gsize);
+    if (!groups) {
+        return QVIT_ERR_NO_MEMORY;
+    }
+    decode_groups(p, groups);
+    if (use_rows(p)) {
+        void *prm = malloc((size_t)4 * (size_t)(p->groups * p->inner) * lp->asize);
+        if (!prm) {
+            free(groups);
+            return QVIT_ERR_NO_MEMORY;
+        }
+        expand_groups(p, lp, groups, prm);
+        forward_rows(p, lp, prm);
+        free(prm);
+    } else {
+        forward_segments(p, lp, groups);
+    }
+    free(groups);
+    return QVIT_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Backward */
+
+/* part: [nchunks][G][3] doubles, zeroed; chunk c adds its segments' sums. */
+static void backward_segments(const qvit_fq_params *p, const loops *lp, const void *groups,
+                              double *part, int64_t len, int64_t nchunks)
+{
+    const int64_t n = numel_of(p);
+    const int nt = team_size(p, nchunks);
+    const char *x = (const char *)p->x;
+    const char *u = (const char *)p->grad_y;
+    char *gx = (char *)p->grad_x;
+
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t c = 0; c < nchunks; c++) {
+        int64_t f = c * len;
+        int64_t end = f + len < n ? f + len : n;
+        double *pc = part + (size_t)c * (size_t)p->groups * 3;
+        while (f < end) {
+            int64_t row = f / p->inner;
+            int64_t g = row % p->groups;
+            int64_t seg_end = (row + 1) * p->inner;
+            int64_t m = (seg_end < end ? seg_end : end) - f;
+            size_t off = (size_t)f * lp->xsize;
+            lp->bwd_seg(x + off, u + off, gx + off, m,
+                        (const char *)groups + (size_t)g * lp->gsize, pc + g * 3);
+            f += m;
+        }
+    }
+}
+
+/* part: [nb_rows][G][3] doubles, zeroed; acc: per-thread scratch of 3*cols
+ * math-type values. Column blocks hold whole groups, so each (row block,
+ * group) entry is written by exactly one chunk. */
+static void backward_rows(const qvit_fq_params *p, const loops *lp, const void *prm,
+                          const rows_plan *rp, double *part, char *acc)
+{
+    const int64_t nchunks = rp->nb_rows * rp->nb_cols;
+    const int nt = team_size(p, nchunks);
+    const char *x = (const char *)p->x;
+    const char *u = (const char *)p->grad_y;
+    char *gx = (char *)p->grad_x;
+    const size_t acc_bytes = (size_t)3 * (size_t)rp->cols * lp->asize;
+
+#pragma omp parallel num_threads(nt)
+    {
+#ifdef _OPENMP
+        char *mine = acc + (size_t)omp_get_thread_num() * acc_bytes;
+#else
+        char *mine = acc;
+#endif
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < nchunks; c++) {
+            int64_t rb = c / rp->nb_cols, cb = c % rp->nb_cols;
+            int64_t r0 = rb * rp->rows, j0 = cb * rp->cols;
+            int64_t nr = (r0 + rp->rows < p->outer ? r0 + rp->rows : p->outer) - r0;
+            int64_t w = (j0 + rp->cols < rp->width ? j0 + rp->cols : rp->width) - j0;
+            const void *pv[4];
+            void *av[3];
+            for (int f = 0; f < 4; f++) {
+                pv[f] = (const char *)prm + ((size_t)f * (size_t)rp->width + (size_t)j0) * lp->asize;
+            }
+            for (int f = 0; f < 3; f++) {
+                av[f] = mine + (size_t)f * (size_t)w * lp->asize;
+            }
+            memset(mine, 0, (size_t)3 * (size_t)w * lp->asize);
+            size_t off = ((size_t)r0 * (size_t)rp->width + (size_t)j0) * lp->xsize;
+            lp->bwd_rows(x + off, u + off, gx + off, nr, rp->width, w, pv, av);
+            /* columns -> groups, in column order */
+            double *pr = part + (size_t)rb * (size_t)p->groups * 3;
+            for (int64_t j = 0; j < w; j++) {
+                int64_t g = (j0 + j) / p->inner;
+                for (int f = 0; f < 3; f++) {
+                    double v = lp->asize == sizeof(double) ? ((const double *)av[f])[j]
+                                                           : (double)((const float *)av[f])[j];
+                    pr[g * 3 + f] += v;
+                }
+            }
+        }
+    }
+}
+
+static void store_param(const qvit_fq_params *p, void *base, int64_t i, double v)
+{
+    if (p->param_dtype == QVIT_F64) {
+        ((double *)base)[i] = v;
+    } else {
+        ((float *)base)[i] = (float)v;
+    }
+}
+
+/* Per-group sums -> LSQ-scaled scale gradient, bit-width gradient, offset
+ * gradient, scattered into the tables in group order (groups may share a
+ * table row). sums: [G][3] = (acc_r, acc_hi, acc_lo). */
+static qvit_status finish_backward(const qvit_fq_params *p, const double *sums)
+{
+    int64_t k = (int64_t)(p->bits_max - p->bits_min + 1);
+    int64_t n_table = p->scale_groups * k;
+    int64_t n_group = p->outer * p->inner;
+    double *table = calloc((size_t)(2 * n_table), sizeof(double));
+    if (!table) {
+        return QVIT_ERR_NO_MEMORY;
+    }
+    double *gs = table, *go = table + n_table;
+    for (int64_t g = 0; g < p->groups; g++) {
+        group_info d = decode_group(p, g);
+        double acc_r = sums[g * 3], acc_hi = sums[g * 3 + 1], acc_lo = sums[g * 3 + 2];
+        /* an empty group has no gradient (the LSQ factor would be 1/0) */
+        double factor = n_group > 0 ? qvit_lsq_grad_scale(p->grad_scale, n_group, d.qp) : 0.0;
+        double coef = qvit_bits_coef(d.bhat, p->is_signed, d.s);
+        gs[d.slot] += factor * acc_r;
+        go[d.slot] += acc_hi + acc_lo;
+        store_param(p, p->grad_bits, g, p->is_signed ? coef * (acc_hi - acc_lo) : coef * acc_hi);
+    }
+    for (int64_t i = 0; i < n_table; i++) {
+        store_param(p, p->grad_scale_out, i, gs[i]);
+        if (p->has_offset) {
+            store_param(p, p->grad_offset, i, go[i]);
+        }
+    }
+    free(table);
+    return QVIT_OK;
 }
 
 qvit_status qvit_fq_backward_cpu(const qvit_fq_params *p)
 {
-    (void)p;
-    return QVIT_ERR_DTYPE;
+    qvit_status st = qvit_fq_check_params(p);
+    if (st != QVIT_OK) {
+        return st;
+    }
+    const int64_t n = numel_of(p);
+    if ((n > 0 && (!p->grad_y || !p->grad_x)) || !p->grad_scale_out || !p->grad_bits ||
+        (p->has_offset && !p->grad_offset)) {
+        return QVIT_ERR_BAD_ARG;
+    }
+    st = check_values(p);
+    if (st != QVIT_OK) {
+        return st;
+    }
+    const loops *lp = loops_for(p->x_dtype);
+    const size_t G = (size_t)p->groups;
+    double *sums = calloc(G * 3, sizeof(double));
+    void *groups = malloc(G * lp->gsize);
+    double *part = NULL;
+    void *prm = NULL;
+    char *acc = NULL;
+    st = QVIT_ERR_NO_MEMORY;
+    if (!sums || !groups) {
+        goto done;
+    }
+    decode_groups(p, groups);
+    int64_t nparts = 0;
+    if (n > 0 && use_rows(p)) {
+        rows_plan rp = plan_rows(p, 1);
+        int nt = team_size(p, rp.nb_rows * rp.nb_cols);
+        nparts = rp.nb_rows;
+        part = calloc((size_t)nparts * G * 3, sizeof(double));
+        prm = malloc((size_t)4 * (size_t)rp.width * lp->asize);
+        acc = malloc((size_t)nt * 3 * (size_t)rp.cols * lp->asize);
+        if (!part || !prm || !acc) {
+            goto done;
+        }
+        expand_groups(p, lp, groups, prm);
+        backward_rows(p, lp, prm, &rp, part, acc);
+    } else if (n > 0) {
+        int64_t len = seg_chunk_len(p, 1);
+        nparts = ceil_div(n, len);
+        part = calloc((size_t)nparts * G * 3, sizeof(double));
+        if (!part) {
+            goto done;
+        }
+        backward_segments(p, lp, groups, part, len, nparts);
+    }
+    /* chunk partials in chunk order */
+    for (int64_t c = 0; c < nparts; c++) {
+        const double *pc = part + (size_t)c * G * 3;
+        for (size_t i = 0; i < G * 3; i++) {
+            sums[i] += pc[i];
+        }
+    }
+    st = finish_backward(p, sums);
+done:
+    free(acc);
+    free(prm);
+    free(part);
+    free(groups);
+    free(sums);
+    return st;
 }
