@@ -93,12 +93,17 @@ def mse_fit(x: Tensor, bits: int, signed: bool, offset: bool) -> Tuple[Tensor, T
     dead = ~(span > 0) | ~torch.isfinite(span)
     span = torch.where(dead, torch.ones_like(span), span)
     best_s, best_err = span.clone(), _sq_err(x, span, beta0, qn, qp)
-    for ratio in torch.logspace(-3, 0, 40).tolist()[:-1]:
-        s = span * ratio
-        err = _sq_err(x, s, beta0, qn, qp)
-        better = err < best_err
-        best_s = torch.where(better, s, best_s)
-        best_err = torch.where(better, err, best_err)
+    # coarse log grid of clipping ratios (step 1.15x), then a fine one around the best
+    coarse = torch.logspace(-3, 0, 50).tolist()[:-1]
+    fine = torch.linspace(0.87, 1.15, 29).tolist()
+    for grid, base in ((coarse, None), (fine, "best")):
+        center = best_s.clone() if base else span
+        for ratio in grid:
+            s = center * ratio
+            err = _sq_err(x, s, beta0, qn, qp)
+            better = err < best_err
+            best_s = torch.where(better, s, best_s)
+            best_err = torch.where(better, err, best_err)
     s, beta = best_s, beta0
     for _ in range(_MAX_ITERS):
         q = torch.round(torch.clamp((x - beta[:, None]) * (1.0 / s)[:, None], qn, qp))
