@@ -41,10 +41,10 @@ def test_compile_fullgraph_matches_eager(needs_c, backend):
     compiled_fn = torch.compile(_loss, fullgraph=True, backend=backend)
     compiled = _grads(compiled_fn, x, scale, bits, offset, dim)
     for name, a, b in zip(("loss", "x", "scale", "bits", "offset"), compiled, eager):
-        if name == "loss" and backend == "inductor":
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # Inductor fuses the sum
-        elif name == "x" and backend == "inductor":
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        if backend == "inductor":
+            # Inductor generates its own code for the surrounding ops (the
+            # weights, the sum), so upstream gradients may differ by an ulp.
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
         else:
             assert_bitwise(a, b, name)
     # new parameter values reuse the compiled graph (bits and scales are tensors)
