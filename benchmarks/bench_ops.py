@@ -122,7 +122,7 @@ def _contenders(case: Case, dtype, device, rot, compile_ref: bool) -> Dict[str, 
     if dtype == torch.float32 and case.layout in ("per-tensor", "per-channel"):
         qmin, qmax = -8, 7
         grad_factor = 1.0 / math.sqrt(case.numel / case.groups * qmax)
-        s_vec = torch.full((case.groups,), float(scale[0, 2]), device=device, requires_grad=True)
+        s_vec = torch.full((case.groups,), float(scale.detach()[0, 2]), device=device, requires_grad=True)
         z_vec = torch.zeros(case.groups, device=device, requires_grad=True)
 
         if case.layout == "per-tensor":

@@ -51,6 +51,9 @@ def machine_description(device: str) -> str:
     lines.append(f"CPU: {model}, {os.cpu_count()} logical CPUs, L3 {lscpu_field('L3 cache') or '?'}, "
                  f"torch threads {torch.get_num_threads()}")
     lines.append(f"torch {torch.__version__}, Python {platform.python_version()}")
+    if hasattr(os, "getloadavg"):
+        lines.append("load average at start (1/5/15 min): "
+                     + " ".join(f"{v:.2f}" for v in os.getloadavg()))
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=10, cwd=os.path.dirname(__file__)).stdout.strip()
