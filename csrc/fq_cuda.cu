@@ -25,9 +25,9 @@
  * backwards on the same device give bitwise equal results. It applies the LSQ
  * factor and the bit-width coefficient and writes the [Gs, K] gradient tables
  * in full (zeros in inactive entries). With a shared table (Gs == 1, G > 1)
- * a single block finishes every group, stores the per-group values in the
- * workspace and then sums the groups that selected the same column, in group
- * order.
+ * several groups may select the same column: the finish stores per-group
+ * values in the workspace and a third one-block kernel (table) sums, per
+ * column, the groups that selected it, in a fixed order.
  *
  * Loads and stores are 16-byte vectors (4 x fp32, 8 x fp16 / bf16) when the
  * pointers are 16-byte aligned and the contiguous run (inner, or P) is a
@@ -64,7 +64,6 @@ constexpr int BLOCKS_PER_SM = 8;       /* 8 x 256 = 2048 threads: a full SM on s
 constexpr int64_t ROWS_MIN_INNER = 1024;
 constexpr int64_t COLS_MIN_ROWS = 16;  /* rows per thread at least, in the cols mapping */
 constexpr int FIN_NT = 256;            /* finish kernel: one warp per group */
-constexpr int FIN_SHARED_NT = 1024;    /* finish kernel with a shared table: one block */
 constexpr int MAX_DEVICES = 64;
 
 thread_local char g_last_error[256] = "no error";
@@ -396,10 +395,10 @@ __device__ __forceinline__ double warp_sum_d(double v)
 }
 
 /* One warp per group: fixed-order fp64 sums of the group's partials, then the
- * per-group gradients. Shared table (scale_groups == 1 < groups): launched as
- * one block, which then writes each table column as the sum, in group order,
- * of the groups that selected it. */
-__global__ void __launch_bounds__(FIN_SHARED_NT) fq_finish_kernel(fin_args f)
+ * per-group gradients. Per-group tables (scale_groups == groups) are written
+ * here in full; with a shared table (scale_groups == 1 < groups) the
+ * per-group values go to f.grp and fq_table_kernel sums them. */
+__global__ void __launch_bounds__(FIN_NT) fq_finish_kernel(fin_args f)
 {
     const int lane = threadIdx.x % 32;
     const int nw = blockDim.x / 32;
@@ -409,12 +408,14 @@ __global__ void __launch_bounds__(FIN_SHARED_NT) fq_finish_kernel(fin_args f)
          g += (int64_t)gridDim.x * nw) {
         double sr = 0.0, sh = 0.0, sl = 0.0;
         if (f.gy == 0) {
+#pragma unroll 4
             for (int64_t i = lane; i < f.S; i += 32) {
                 const int64_t idx = g * f.S + i;
                 sr += f.part[idx]; sh += f.part[f.n_part + idx]; sl += f.part[2 * f.n_part + idx];
             }
         } else {
             const int64_t P = f.groups * f.inner, n = f.gy * f.inner;
+#pragma unroll 4
             for (int64_t i = lane; i < n; i += 32) {
                 const int64_t cy = i / f.inner;
                 const int64_t idx = cy * P + g * f.inner + (i - cy * f.inner);
@@ -454,16 +455,34 @@ __global__ void __launch_bounds__(FIN_SHARED_NT) fq_finish_kernel(fin_args f)
             f.grp[2 * f.groups + g] = (double)k;
         }
     }
-    if (shared_table) {
-        __syncthreads();   /* also orders the global f.grp writes within the block */
-        for (int kk = threadIdx.x; kk < K; kk += blockDim.x) {
-            double as = 0.0, ao = 0.0;
-            for (int64_t g = 0; g < f.groups; ++g) {
-                if (f.grp[2 * f.groups + g] == (double)kk) { as += f.grp[g]; ao += f.grp[f.groups + g]; }
-            }
-            f.grad_scale[kk] = (float)as;
-            if (f.grad_offset) f.grad_offset[kk] = (float)ao;
+}
+
+/* Shared table: column kk of grad_scale / grad_offset is the sum of the
+ * groups that selected it. One block; thread t adds groups t, t + NT, ... in
+ * order, then a fixed shared-memory tree: deterministic. */
+__global__ void __launch_bounds__(FIN_NT) fq_table_kernel(fin_args f)
+{
+    __shared__ double red[2][FIN_NT];
+    const int t = threadIdx.x;
+    const int K = f.bits_max - f.bits_min + 1;
+    const int64_t G = f.groups;
+    for (int kk = 0; kk < K; ++kk) {
+        double as = 0.0, ao = 0.0;
+        for (int64_t g = t; g < G; g += FIN_NT) {
+            if (f.grp[2 * G + g] == (double)kk) { as += f.grp[g]; ao += f.grp[G + g]; }
         }
+        red[0][t] = as;
+        red[1][t] = ao;
+        __syncthreads();
+        for (int o = FIN_NT / 2; o > 0; o >>= 1) {
+            if (t < o) { red[0][t] += red[0][t + o]; red[1][t] += red[1][t + o]; }
+            __syncthreads();
+        }
+        if (t == 0) {
+            f.grad_scale[kk] = (float)red[0][0];
+            if (f.grad_offset) f.grad_offset[kk] = (float)red[1][0];
+        }
+        __syncthreads();
     }
 }
 
@@ -770,11 +789,14 @@ qvit_status qvit_fq_backward_cuda(const qvit_fq_params *p)
         if (pl.rows) f.S = pl.S;
         else f.gy = pl.gy;
     }
-    const bool shared_table = a.scale_groups == 1 && a.groups > 1;
-    const unsigned blocks = shared_table ? 1u
-        : (unsigned)((a.groups + FIN_NT / 32 - 1) / (FIN_NT / 32));
-    fq_finish_kernel<<<blocks, shared_table ? FIN_SHARED_NT : FIN_NT, 0, stream>>>(f);
-    return launch_status("fake-quant backward finish launch");
+    const unsigned blocks = (unsigned)((a.groups + FIN_NT / 32 - 1) / (FIN_NT / 32));
+    fq_finish_kernel<<<blocks, FIN_NT, 0, stream>>>(f);
+    if ((st = launch_status("fake-quant backward finish launch")) != QVIT_OK) return st;
+    if (a.scale_groups == 1 && a.groups > 1) {
+        fq_table_kernel<<<1, FIN_NT, 0, stream>>>(f);
+        return launch_status("fake-quant backward table launch");
+    }
+    return QVIT_OK;
 }
 
 }  // extern "C"

@@ -280,6 +280,17 @@ def test_tensor_on_non_current_device():
     got = _run_cuda(*ch[:5], device=dev1, **ch[5])
     assert torch.cuda.current_device() == 0
     _check_against_reference(got, *ch[:5], **ch[5])
+    # the other way round: current device 1, tensors on 0 (the extension's own
+    # static cudart must read and restore the context torch made current)
+    try:
+        torch.cuda.set_device(1)
+        got = _run_cuda(x, scale, bits, offset, gy, device=torch.device("cuda", 0), **kw)
+        assert torch.cuda.current_device() == 1, "the op must restore the current device"
+        _check_against_reference(got, x, scale, bits, offset, gy, **kw)
+        y1 = torch.randn(8, device=dev1) * 2  # torch still works on its current device
+        assert y1.device == dev1
+    finally:
+        torch.cuda.set_device(0)
 
 
 def _chunk_terms(xc, uc, s, beta, qn, qp):
