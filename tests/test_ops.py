@@ -361,3 +361,30 @@ def test_opcheck(kernel, with_offset):
     torch.library.opcheck(torch.ops.qvit.fq_forward.default, (x, scale, bits, offset, 1, True, 2, 8))
     torch.library.opcheck(torch.ops.qvit.fq_backward.default,
                           (gy, x, scale, bits, offset, 1, True, 2, 8, -1.0))
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast_path", "dispatcher"])
+def test_eager_fast_path_and_dispatcher_agree(kernel, fast, monkeypatch):
+    """Both eager routes (direct impl call / torch.ops dispatch) give the same bits."""
+    calls = []
+    impl_fwd = ops._fq_forward_impl
+
+    def counting(*a):
+        calls.append(1)
+        return impl_fwd(*a)
+
+    monkeypatch.setattr(ops, "_fq_forward_impl", counting)
+    monkeypatch.setattr(ops, "EAGER_FAST_PATH", fast)
+    shape, dim, g = LAYOUTS["per_head_cols"]
+    scale, bits, offset = make_params(g, scale_rows=g, offset=True, seed=21)
+    x = tie_free_input(shape, dim, scale, bits, offset, signed=False, seed=22)
+    gy = torch.randn(shape, generator=torch.Generator().manual_seed(23))
+    compare(kernel, x, scale, bits, offset, gy, signed=False, dim=dim)
+    assert len(calls) == (1 if fast else 0)
+
+
+def test_zero_dim_input(impl):
+    scale, bits, _ = make_params(1, seed=31)
+    x = tie_free_input((), 0, scale, bits, None, signed=True, seed=32)
+    gy = torch.tensor(0.75)
+    compare(impl, x, scale, bits, None, gy)
