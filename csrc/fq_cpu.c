@@ -26,15 +26,6 @@
 #include "half.h"
 #include "qvit.h"
 
-/* Hot loops are compiled for AVX-512, AVX2 and baseline x86-64; the ifunc
- * resolver picks one at load time. Elsewhere they are compiled once. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
-    !defined(QVIT_NO_CLONES) && (__GNUC__ >= 12)
-#define QVIT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define QVIT_CLONES
-#endif
-
 enum {
     QVIT_CHUNK = 16384,          /* elements per chunk (shape-only, not thread-count) */
     QVIT_SMALL_INNER = 64,       /* inner <= this: the "rows" loops */
@@ -46,103 +37,21 @@ enum {
 #define QVIT_PARTIAL_BUDGET ((int64_t)1 << 18)
 
 /* ------------------------------------------------------------------------ */
-/* Hot loops, one set per x dtype. LOAD / STORE convert to / from the math
- * type; FWD / BWD are the fq_math.h element functions. */
+/* Hot loops: fq_cpu_loops.h instantiated per x dtype and, on x86-64 with
+ * GCC, per ISA level (x86-64-v4 = AVX-512, v3 = AVX2/FMA/F16C, v2 = SSE4.2,
+ * baseline). The level is chosen per call from the CPU's features, capped by
+ * the environment variable QVIT_ISA ("v4", "v3", "v2", "base") to test the
+ * other paths. Hand-made rather than target_clones: GCC 12 does not
+ * if-convert (so does not vectorise) the backward loops inside
+ * target_clones functions, while the same code under a target attribute
+ * vectorises. */
 
 static inline float load_f32(float v) { return v; }
 static inline float store_f32(float v) { return v; }
 static inline double load_f64(double v) { return v; }
 static inline double store_f64(double v) { return v; }
 
-#define QVIT_DEFINE_LOOPS(SFX, XT, AT, GT, LOAD, STORE, FWD, BWD)                     \
-    QVIT_CLONES static void fwd_seg_##SFX(const void *xv, void *yv, int64_t n,         \
-                                          const void *gv)                              \
-    {                                                                                  \
-        const XT *x = (const XT *)xv;                                                  \
-        XT *y = (XT *)yv;                                                              \
-        const GT g = *(const GT *)gv;                                                  \
-        for (int64_t i = 0; i < n; i++) {                                              \
-            y[i] = STORE(FWD(LOAD(x[i]), g));                                          \
-        }                                                                              \
-    }                                                                                  \
-                                                                                       \
-    QVIT_CLONES static void fwd_rows_##SFX(const void *xv, void *yv, int64_t rows,     \
-                                           int64_t stride, int64_t w,                  \
-                                           const void *const prm[4])                   \
-    {                                                                                  \
-        const AT *restrict s = (const AT *)prm[0];                                     \
-        const AT *restrict beta = (const AT *)prm[1];                                  \
-        const AT *restrict qn = (const AT *)prm[2];                                    \
-        const AT *restrict qp = (const AT *)prm[3];                                    \
-        for (int64_t r = 0; r < rows; r++) {                                           \
-            const XT *x = (const XT *)xv + r * stride;                                 \
-            XT *y = (XT *)yv + r * stride;                                             \
-            for (int64_t j = 0; j < w; j++) {                                          \
-                GT g = {s[j], beta[j], qn[j], qp[j]};                                  \
-                y[j] = STORE(FWD(LOAD(x[j]), g));                                      \
-            }                                                                          \
-        }                                                                              \
-    }                                                                                  \
-                                                                                       \
-    /* Adds the segment's sums (r, hi, lo) to out[0..2]. */                            \
-    QVIT_CLONES static void bwd_seg_##SFX(const void *xv, const void *uv, void *gxv,   \
-                                          int64_t n, const void *gv, double out[3])    \
-    {                                                                                  \
-        const XT *x = (const XT *)xv;                                                  \
-        const XT *u = (const XT *)uv;                                                  \
-        XT *gx = (XT *)gxv;                                                            \
-        const GT g = *(const GT *)gv;                                                  \
-        AT ar[QVIT_LANES] = {0}, ah[QVIT_LANES] = {0}, al[QVIT_LANES] = {0};           \
-        int64_t i = 0;                                                                 \
-        for (; i + QVIT_LANES <= n; i += QVIT_LANES) {                                 \
-            for (int l = 0; l < QVIT_LANES; l++) {                                     \
-                gx[i + l] = STORE(BWD(LOAD(x[i + l]), LOAD(u[i + l]), g, &ar[l],       \
-                                      &ah[l], &al[l]));                                \
-            }                                                                          \
-        }                                                                              \
-        for (; i < n; i++) {                                                           \
-            gx[i] = STORE(BWD(LOAD(x[i]), LOAD(u[i]), g, &ar[0], &ah[0], &al[0]));     \
-        }                                                                              \
-        for (int l = 0; l < QVIT_LANES; l++) {                                         \
-            out[0] += (double)ar[l];                                                   \
-            out[1] += (double)ah[l];                                                   \
-            out[2] += (double)al[l];                                                   \
-        }                                                                              \
-    }                                                                                  \
-                                                                                       \
-    /* Per-column sums over the rows into acc[0..2][0..w) (not cleared here). */       \
-    QVIT_CLONES static void bwd_rows_##SFX(const void *xv, const void *uv, void *gxv,  \
-                                           int64_t rows, int64_t stride, int64_t w,    \
-                                           const void *const prm[4], void *const acc[3]) \
-    {                                                                                  \
-        const AT *restrict s = (const AT *)prm[0];                                     \
-        const AT *restrict beta = (const AT *)prm[1];                                  \
-        const AT *restrict qn = (const AT *)prm[2];                                    \
-        const AT *restrict qp = (const AT *)prm[3];                                    \
-        AT *restrict ar = (AT *)acc[0];                                                \
-        AT *restrict ah = (AT *)acc[1];                                                \
-        AT *restrict al = (AT *)acc[2];                                                \
-        for (int64_t r = 0; r < rows; r++) {                                           \
-            const XT *x = (const XT *)xv + r * stride;                                 \
-            const XT *u = (const XT *)uv + r * stride;                                 \
-            XT *gx = (XT *)gxv + r * stride;                                           \
-            for (int64_t j = 0; j < w; j++) {                                          \
-                GT g = {s[j], beta[j], qn[j], qp[j]};                                  \
-                gx[j] = STORE(BWD(LOAD(x[j]), LOAD(u[j]), g, &ar[j], &ah[j], &al[j])); \
-            }                                                                          \
-        }                                                                              \
-    }
-
-QVIT_DEFINE_LOOPS(f32, float, float, qvit_group_f32, load_f32, store_f32,
-                  qvit_fq_fwd_f32, qvit_fq_bwd_f32)
-QVIT_DEFINE_LOOPS(f16, uint16_t, float, qvit_group_f32, qvit_f16_to_f32, qvit_f32_to_f16,
-                  qvit_fq_fwd_f32, qvit_fq_bwd_f32)
-QVIT_DEFINE_LOOPS(bf16, uint16_t, float, qvit_group_f32, qvit_bf16_to_f32, qvit_f32_to_bf16,
-                  qvit_fq_fwd_f32, qvit_fq_bwd_f32)
-QVIT_DEFINE_LOOPS(f64, double, double, qvit_group_f64, load_f64, store_f64,
-                  qvit_fq_fwd_f64, qvit_fq_bwd_f64)
-
-/* The loops of one x dtype, and the sizes the generic drivers need. */
+/* The loops of one x dtype at one ISA level, and the sizes the drivers need. */
 typedef struct loops {
     void (*fwd_seg)(const void *, void *, int64_t, const void *);
     void (*fwd_rows)(const void *, void *, int64_t, int64_t, int64_t, const void *const[4]);
@@ -154,24 +63,79 @@ typedef struct loops {
     size_t gsize;  /* bytes of the group struct */
 } loops;
 
-static const loops LOOPS_F32 = {fwd_seg_f32, fwd_rows_f32, bwd_seg_f32, bwd_rows_f32,
-                                sizeof(float), sizeof(float), sizeof(qvit_group_f32)};
-static const loops LOOPS_F16 = {fwd_seg_f16, fwd_rows_f16, bwd_seg_f16, bwd_rows_f16,
-                                sizeof(uint16_t), sizeof(float), sizeof(qvit_group_f32)};
-static const loops LOOPS_BF16 = {fwd_seg_bf16, fwd_rows_bf16, bwd_seg_bf16, bwd_rows_bf16,
-                                 sizeof(uint16_t), sizeof(float), sizeof(qvit_group_f32)};
-static const loops LOOPS_F64 = {fwd_seg_f64, fwd_rows_f64, bwd_seg_f64, bwd_rows_f64,
-                                sizeof(double), sizeof(double), sizeof(qvit_group_f64)};
+#define QV_CAT3(a, b, c) a##_##b##_##c
+#define QV_NAME3(f, d, i) QV_CAT3(f, d, i)
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && (__GNUC__ >= 12) && \
+    !defined(QVIT_NO_ISA_DISPATCH)
+#define QVIT_ISA_DISPATCH 1
+
+#define QV_ISA v4
+#define QV_TARGET __attribute__((target("arch=x86-64-v4")))
+#include "fq_cpu_isa.h"
+#undef QV_ISA
+#undef QV_TARGET
+
+#define QV_ISA v3
+#define QV_TARGET __attribute__((target("arch=x86-64-v3")))
+#include "fq_cpu_isa.h"
+#undef QV_ISA
+#undef QV_TARGET
+
+#define QV_ISA v2
+#define QV_TARGET __attribute__((target("arch=x86-64-v2")))
+#include "fq_cpu_isa.h"
+#undef QV_ISA
+#undef QV_TARGET
+#else
+#define QVIT_ISA_DISPATCH 0
+#endif
+
+#define QV_ISA base
+#define QV_TARGET
+#include "fq_cpu_isa.h"
+#undef QV_ISA
+#undef QV_TARGET
+
+/* ISA level to run: what the CPU supports, capped by QVIT_ISA. */
+static int isa_level(void)
+{
+#if QVIT_ISA_DISPATCH
+    int level = 0;
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4")) {
+        level = 4;
+    } else if (__builtin_cpu_supports("x86-64-v3")) {
+        level = 3;
+    } else if (__builtin_cpu_supports("x86-64-v2")) {
+        level = 2;
+    }
+    const char *cap = getenv("QVIT_ISA");
+    if (cap && cap[0]) {
+        int want = (cap[0] == 'v' && cap[1] >= '2' && cap[1] <= '4') ? cap[1] - '0' : 0;
+        if (want < level) {
+            level = want;
+        }
+    }
+    return level;
+#else
+    return 0;
+#endif
+}
 
 static const loops *loops_for(qvit_dtype d)
 {
-    switch (d) {
-    case QVIT_F32: return &LOOPS_F32;
-    case QVIT_F16: return &LOOPS_F16;
-    case QVIT_BF16: return &LOOPS_BF16;
-    case QVIT_F64: return &LOOPS_F64;
+    if ((int)d < 0 || (int)d > 3) {
+        return NULL;
     }
-    return NULL;
+    switch (isa_level()) {
+#if QVIT_ISA_DISPATCH
+    case 4: return &loops_table_v4[d];
+    case 3: return &loops_table_v3[d];
+    case 2: return &loops_table_v2[d];
+#endif
+    default: return &loops_table_base[d];
+    }
 }
 
 /* ------------------------------------------------------------------------ */
