@@ -65,7 +65,12 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
         return
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(t.data, src)
+            if t.dtype == torch.bool:  # not every backend broadcasts bool
+                tmp = t.data.to(torch.uint8)
+                dist.broadcast(tmp, src)
+                t.data.copy_(tmp.bool())
+            else:
+                dist.broadcast(t.data, src)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
