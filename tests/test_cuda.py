@@ -372,6 +372,103 @@ def test_workspace_bytes_and_too_small_workspace():
 
 # --------------------------------------------------------------- no GPU (runs everywhere)
 
+# The CUDA launchers and kernels of csrc/fq_cuda.cu compiled for a host
+# emulation (tests/cuda_emu): same source, same grid geometry, blocks run one
+# after another with their threads as coroutines. This checks the kernels'
+# logic on machines without a GPU (CI); the GPU run checks the rest.
+EMU_LAYOUTS = {
+    "tensor_vec": ((8, 197, 48), 0, 1), "tensor_odd": ((12347,), 0, 1),
+    "head_act": ((2, 6, 197, 16), 1, 6), "head_rows": ((6 * 16, 96), 0, 6),
+    "rows_odd": ((3, 5, 1031), 1, 5), "channel": ((300, 96), -1, 96),
+    "channel_wide": ((20, 600), -1, 600), "head_cols": ((100, 6 * 64), 1, 6),
+    "cols_odd": ((50, 7), -1, 7), "tiny": ((1,), 0, 1), "one_row": ((1, 24), -1, 24),
+}
+# (layout, dtype, signed, offset, shared table, misaligned, SMs, blocks per SM)
+EMU_CASES = [
+    ("tensor_vec", torch.float32, True, False, False, False, 4, 2),
+    ("tensor_vec", torch.bfloat16, False, True, True, False, 132, 8),
+    ("tensor_odd", torch.float16, True, False, False, False, 3, 5),
+    ("head_act", torch.float32, False, True, False, False, 4, 2),
+    ("head_act", torch.bfloat16, True, False, True, True, 132, 4),
+    ("head_rows", torch.float16, True, True, False, False, 1, 1),
+    ("rows_odd", torch.float32, True, False, True, False, 4, 2),
+    ("channel", torch.float32, True, False, False, False, 132, 3),
+    ("channel", torch.bfloat16, False, True, True, False, 4, 2),
+    ("channel", torch.float32, True, False, False, True, 4, 2),
+    ("channel_wide", torch.float16, True, False, True, False, 3, 5),
+    ("head_cols", torch.bfloat16, True, True, False, False, 132, 2),
+    ("head_cols", torch.float32, False, False, True, True, 1, 1),
+    ("cols_odd", torch.float32, True, True, False, False, 4, 2),
+    ("tiny", torch.float32, True, False, False, False, 4, 2),
+    ("one_row", torch.bfloat16, False, False, False, False, 4, 2),
+]
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    from cuda_emu import emu
+    why = emu.unavailable()
+    if why:
+        pytest.skip(f"host emulation of the CUDA kernels: {why}")
+    return emu.Emulated(emu.build(str(tmp_path_factory.mktemp("cuda_emu"))))
+
+
+def _misaligned(t):
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    return buf[1:].view(t.shape).copy_(t)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", EMU_CASES, ids=lambda c: "-".join(str(v).replace("torch.", "") for v in c))
+def test_kernels_under_host_emulation(emulated, case):
+    layout, dtype, signed, with_offset, shared, mis, sms, bps = case
+    shape, dim, g = EMU_LAYOUTS[layout]
+    scale, bits, offset = make_params(g, scale_rows=1 if shared else g, offset=with_offset, seed=sms)
+    x = tie_free_input(shape, dim, scale, bits, offset, signed=signed, dtype=dtype, seed=bps)
+    gy = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    xk, gyk = (_misaligned(x), _misaligned(gy)) if mis else (x, gy)
+    emulated.sms.value, emulated.bps.value = sms, bps
+    kw = dict(signed=signed, dim=dim, bits_range=(2, 8))
+    got = emulated.run(xk, scale, bits, offset, gyk, **kw)
+    _check_against_reference(list(got), x, scale, bits, offset, gy, **kw)
+    again = emulated.run(xk, scale, bits, offset, gyk, **kw)
+    for a, b, name in zip(got, again, ("y", "grad_x", "grad_scale", "grad_bits", "grad_offset")):
+        if a is not None:
+            assert_bitwise(a, b, f"second run {name}")
+
+
+@pytest.mark.slow
+def test_emulated_edge_cases(emulated):
+    """grad_scale overrides, bit-width ties / clamps, poisoned groups, the device guard."""
+    emulated.sms.value, emulated.bps.value = 4, 2
+    shape, dim = (2, 6, 197, 16), 1
+    scale, bits, _ = make_params(6, scale_rows=6, bits=[2, 8, 1.4, 8.6, 4.5, 5.5])
+    x = tie_free_input(shape, dim, scale, bits, None, signed=True)
+    gy = torch.randn(shape)
+    for gsc in (None, 0.0, 1.0, 0.37):
+        got = emulated.run(x, scale, bits, None, gy, signed=True, dim=dim, grad_scale=gsc)
+        _check_against_reference(list(got), x, scale, bits, None, gy, grad_scale=gsc,
+                                 signed=True, dim=dim, bits_range=(2, 8))
+    scale, bits, _ = make_params(3, scale_rows=3, bits=[4, 4, 4])
+    bits[1] = float("nan")
+    scale[2, 4 - 2] = -0.5
+    x, gy = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    y, gx, gs, gb, _ = emulated.run(x, scale, bits, None, gy, signed=True, dim=1)
+    assert bool(torch.isnan(y[:, 1:]).all()) and bool(torch.isnan(gx[:, 1:]).all())
+    assert_bitwise(y[:, :1], reference.fake_quant_forward(x[:, :1], scale[:1], bits[:1], signed=True, dim=1),
+                   "y of the good group")
+    assert math.isfinite(gb[0].item()) and math.isnan(gb[1].item()) and math.isnan(gb[2].item())
+    assert math.isnan(gs[2, 4 - 2].item()) and bool(torch.isfinite(gs[0]).all())
+    # a tensor on device 1 while device 0 is current: switched to and back
+    scale, bits, _ = make_params(1)
+    x = tie_free_input((100,), 0, scale, bits, None, signed=True)
+    gy = torch.randn(100)
+    got = emulated.run(x, scale, bits, None, gy, signed=True, dim=0, device=1)
+    _check_against_reference(list(got), x, scale, bits, None, gy, signed=True, dim=0, bits_range=(2, 8))
+    assert emulated.lib.sim_current_device() == 0
+
+
+
 def test_extension_imports_and_reports_devices():
     """Importing qvit never needs a GPU; without a driver the device count is <= 0."""
     import qvit

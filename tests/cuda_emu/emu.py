@@ -1,0 +1,155 @@
+"""Builds csrc/fq_cuda.cu for the host emulation in this folder and calls it.
+
+``build(outdir)`` rewrites the kernel launches (``k<<<grid, block, smem,
+stream>>>(args)`` becomes ``sim_launch(grid, block, [&] { k(args); })``),
+swaps ``cuda_runtime.h`` for ``sim_cuda.h`` and compiles a shared library
+with g++ against the CUDA headers (for cuda_fp16.h / cuda_bf16.h). The
+library exports the real ``extern "C"`` launchers of qvit.h, so the tests
+drive them through a ctypes copy of ``qvit_fq_params`` with CPU tensors
+standing in for device memory. ``sim_sms`` / ``sim_bps`` set the SM count
+and resident blocks per SM the launchers see, to vary the grid geometry.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+from typing import Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+CSRC = os.path.join(ROOT, "csrc")
+
+
+def cuda_include() -> Optional[str]:
+    """A directory with cuda_fp16.h, or None."""
+    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        cands.append(os.path.dirname(os.path.dirname(real)))
+    for c in cands:
+        if c and os.path.isfile(os.path.join(c, "include", "cuda_fp16.h")):
+            return os.path.join(c, "include")
+    return None
+
+
+def unavailable() -> Optional[str]:
+    """Why the emulation cannot be built here, or None."""
+    if shutil.which("g++") is None:
+        return "g++ not found"
+    if cuda_include() is None:
+        return "CUDA headers (cuda_fp16.h) not found"
+    return None
+
+
+def _split_top(s: str):
+    out, depth, cur = [], 0, ""
+    for ch in s:
+        if ch in "(<":
+            depth += 1
+        elif ch in ")>":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur.strip())
+    return out
+
+
+def translate(src: str) -> str:
+    """fq_cuda.cu source -> host C++ for the emulation."""
+    for inc in ("#include <cuda_bf16.h>\n", "#include <cuda_fp16.h>\n"):
+        src = src.replace(inc, "")
+    src = src.replace("#include <cuda_runtime.h>\n", '#include "sim_cuda.h"\n')
+
+    def launch(m):
+        cfg = _split_top(m.group(2))
+        return f"sim_launch(dim3({cfg[0]}), dim3({cfg[1]}), [&] {{ {m.group(1)}({m.group(3)}); }});"
+
+    src, n = re.subn(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)<<<(.*?)>>>\((.*?)\);", launch, src)
+    if n == 0:
+        raise RuntimeError("no kernel launch found in fq_cuda.cu")
+    # the launchers cache device facts; the emulation changes them between calls
+    src = re.sub(r"static std::atomic<int> cache\[(\w+)\];",
+                 r"std::atomic<int> cache[\1]; for (auto &c_ : cache) c_.store(0);", src)
+    src = re.sub(r"const int c = g_sm_count\[device\]\.load\([^)]*\);", "const int c = 0;", src)
+    return src
+
+
+def build(outdir: str) -> str:
+    """Compile the emulation library into outdir; return its path."""
+    with open(os.path.join(CSRC, "fq_cuda.cu")) as f:
+        cpp = translate(f.read())
+    src = os.path.join(outdir, "fq_cuda_emu.cpp")
+    with open(src, "w") as f:
+        f.write(cpp)
+    lib = os.path.join(outdir, "libfq_cuda_emu.so")
+    # -Bsymbolic: the stub cuda* functions must win over a libcudart that torch
+    # may already have loaded into the process.
+    cmd = ["g++", "-O1", "-std=c++17", "-fPIC", "-shared", "-Wl,-Bsymbolic", "-fno-strict-aliasing",
+           "-ffp-contract=off", "-I" + cuda_include(), "-I" + CSRC, "-I" + HERE,
+           src, os.path.join(HERE, "sim_rt.cpp"), "-o", lib]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return lib
+
+
+class Params(ctypes.Structure):
+    """ctypes mirror of qvit_fq_params (csrc/qvit.h)."""
+    _fields_ = (
+        [("outer", ctypes.c_int64), ("groups", ctypes.c_int64), ("inner", ctypes.c_int64),
+         ("scale_groups", ctypes.c_int64), ("bits_min", ctypes.c_int32), ("bits_max", ctypes.c_int32),
+         ("is_signed", ctypes.c_int32), ("has_offset", ctypes.c_int32), ("grad_scale", ctypes.c_double),
+         ("x_dtype", ctypes.c_int), ("param_dtype", ctypes.c_int)]
+        + [(n, ctypes.c_void_p) for n in ("x", "grad_y", "scale", "bits", "offset", "y", "grad_x",
+                                          "grad_scale_out", "grad_bits", "grad_offset")]
+        + [("num_threads", ctypes.c_int32), ("device", ctypes.c_int32), ("stream", ctypes.c_void_p),
+           ("workspace", ctypes.c_void_p), ("workspace_bytes", ctypes.c_int64)]
+    )
+
+
+class Emulated:
+    """The launchers of one emulation library."""
+
+    def __init__(self, path: str):
+        self.lib = ctypes.CDLL(path)
+        self.lib.qvit_fq_cuda_workspace_bytes.restype = ctypes.c_int64
+        self.lib.qvit_cuda_last_error.restype = ctypes.c_char_p
+        self.lib.sim_current_device.restype = ctypes.c_int
+        self.sms = ctypes.c_int.in_dll(self.lib, "sim_sms")
+        self.bps = ctypes.c_int.in_dll(self.lib, "sim_bps")
+
+    def run(self, x, scale, bits, offset, gy, *, signed, dim, bits_range=(2, 8), grad_scale=None,
+            device=0):
+        """Forward and backward through the CUDA launchers; returns (y, gx, gs, gb, go)."""
+        import torch
+        from qvit import reference
+        dt = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[x.dtype]
+        outer, g, inner = reference.group_shape(x.shape, dim, bits.numel())
+        assert x.is_contiguous() and gy.is_contiguous()
+        y, gx = torch.empty_like(x), torch.empty_like(x)
+        gs, gb = torch.full_like(scale, 123.0), torch.full_like(bits, 123.0)
+        go = torch.full_like(offset, 123.0) if offset is not None else None
+        p = Params(outer=outer, groups=g, inner=inner, scale_groups=scale.shape[0],
+                   bits_min=bits_range[0], bits_max=bits_range[1], is_signed=int(signed),
+                   has_offset=int(offset is not None),
+                   grad_scale=-1.0 if grad_scale is None else float(grad_scale),
+                   x_dtype=dt, param_dtype=0, x=x.data_ptr(), grad_y=gy.data_ptr(),
+                   scale=scale.data_ptr(), bits=bits.data_ptr(),
+                   offset=None if offset is None else offset.data_ptr(),
+                   y=y.data_ptr(), grad_x=gx.data_ptr(), grad_scale_out=gs.data_ptr(),
+                   grad_bits=gb.data_ptr(), grad_offset=None if go is None else go.data_ptr(),
+                   device=device)
+        nbytes = self.lib.qvit_fq_cuda_workspace_bytes(ctypes.byref(p))
+        assert nbytes > 0
+        ws = torch.full((nbytes,), 0xAB, dtype=torch.uint8)  # garbage, as a fresh allocation may hold
+        p.workspace, p.workspace_bytes = ws.data_ptr(), nbytes
+        for fn in (self.lib.qvit_fq_forward_cuda, self.lib.qvit_fq_backward_cuda):
+            st = fn(ctypes.byref(p))
+            if st != 0:
+                raise RuntimeError(f"status {st}: {self.lib.qvit_cuda_last_error().decode()}")
+        return y, gx, gs, gb, go
