@@ -16,7 +16,8 @@
 #   3. kernel benchmark, CUDA-graph timed (device time of the kernels, no host
 #      overhead) and eager (as a training step calls it), against a same-run
 #      device-to-device copy of the same bytes and ATen's learnable fake-quant
-#   4. pytest tests/test_cuda.py tests/test_ops.py -k cuda
+#   4. pytest tests/test_cuda.py tests/test_ops.py -k "cuda and not emul" (the host
+#      emulation tests need no GPU and run in CI)
 #   5. benchmarks/bench_ops.py --device cuda --quick, fp32 and bf16
 #   6. summary table
 set -uo pipefail
@@ -235,8 +236,8 @@ grep -v '^RESULTS ' "$LOGDIR/kernel_bench.log" | tail -n 14 | cut -c1-200
 [ $KB_RC -eq 0 ] || echo "kernel benchmark exited with $KB_RC (timeout = 124); see kernel_bench.log"
 
 # ---------------------------------------------------------------- 4. tests
-step "pytest tests/test_cuda.py tests/test_ops.py -k cuda"
-timeout 270 "$PY" -m pytest -q -rfE -p no:cacheprovider tests/test_cuda.py tests/test_ops.py -k cuda \
+step "pytest tests/test_cuda.py tests/test_ops.py -k \"cuda and not emul\""
+timeout 270 "$PY" -m pytest -q -rfE -p no:cacheprovider tests/test_cuda.py tests/test_ops.py -k "cuda and not emul" \
     --junitxml="$LOGDIR/junit.xml" > "$LOGDIR/pytest.log" 2>&1
 PT_RC=$?
 tail -n 30 "$LOGDIR/pytest.log" | cut -c1-240
