@@ -27,11 +27,13 @@ from . import ops
 
 __all__ = ["Quantizer", "ste_bits", "mse_fit", "fused_fake_quant", "fake_quant"]
 
-# Calibration keeps at most this many elements per scale group (a random
-# subset of positions, the same for every group): the fit is a mean over
-# elements, a few hundred thousand samples pin it far below LSQ's noise.
-_MAX_SAMPLES = 1 << 16
-_MAX_ITERS = 20
+# The MSE fits see at most this many elements per quantizer (a random subset of
+# positions, the same for every group; at least _MIN_ROW per group): tens of
+# thousands of samples pin a step size far below the noise of LSQ training,
+# and the fit costs ~50 passes per bit-width over them.
+_MAX_SAMPLES = 1 << 14
+_MIN_ROW = 256
+_MAX_ITERS = 10
 _REL_TOL = 1e-5
 
 
@@ -61,9 +63,32 @@ def ste_bits(bits: Tensor, bits_range: Tuple[int, int]) -> Tensor:
     return bits + (torch.round(bits.clamp(lo, hi)) - bits).detach()
 
 
-def _sq_err(x: Tensor, s: Tensor, beta: Tensor, qn: float, qp: float) -> Tensor:
-    q = torch.round(torch.clamp((x - beta[:, None]) * (1.0 / s)[:, None], qn, qp))
-    return (q * s[:, None] + beta[:, None] - x).pow(2).mean(dim=1)
+def _subsample(rows: Tensor) -> Tensor:
+    """A fixed-seed random subset of the columns of ``rows [R, M]`` (see ``_MAX_SAMPLES``)."""
+    r, m = rows.shape
+    keep = max(_MAX_SAMPLES // r, _MIN_ROW)
+    if m <= keep:
+        return rows
+    gen = torch.Generator(device="cpu").manual_seed(m)
+    idx = torch.randperm(m, generator=gen)[:keep].to(rows.device)
+    return rows[:, idx]
+
+
+def _grid_best(x: Tensor, center: Tensor, beta: Tensor, qn: float, qp: float,
+               ratios: Tensor) -> Tensor:
+    """The step size ``center * ratio`` with the least squared error, per row of ``x [R, M]``."""
+    r, m = x.shape
+    ratios = ratios.to(x.device)
+    chunk = max(1, (1 << 22) // max(1, r * m))
+    errs = []
+    xc = (x - beta[:, None])[:, None, :]
+    for i in range(0, ratios.numel(), chunk):
+        s = center[:, None] * ratios[None, i:i + chunk]           # [R, c]
+        inv = (1.0 / s)[:, :, None]
+        q = torch.round(torch.clamp(xc * inv, qn, qp))
+        errs.append((q * s[:, :, None] - xc).pow(2).mean(dim=2))
+    err = torch.cat(errs, dim=1)
+    return center * ratios[err.argmin(dim=1)]
 
 
 def mse_fit(x: Tensor, bits: int, signed: bool, offset: bool) -> Tuple[Tensor, Tensor]:
@@ -92,18 +117,10 @@ def mse_fit(x: Tensor, bits: int, signed: bool, offset: bool) -> Tuple[Tensor, T
         span = (x.abs().amax(dim=1) if signed else x.clamp_min(0).amax(dim=1)) / qp
     dead = ~(span > 0) | ~torch.isfinite(span)
     span = torch.where(dead, torch.ones_like(span), span)
-    best_s, best_err = span.clone(), _sq_err(x, span, beta0, qn, qp)
-    # coarse log grid of clipping ratios (step 1.15x), then a fine one around the best
-    coarse = torch.logspace(-3, 0, 50).tolist()[:-1]
-    fine = torch.linspace(0.87, 1.15, 29).tolist()
-    for grid, base in ((coarse, None), (fine, "best")):
-        center = best_s.clone() if base else span
-        for ratio in grid:
-            s = center * ratio
-            err = _sq_err(x, s, beta0, qn, qp)
-            better = err < best_err
-            best_s = torch.where(better, s, best_s)
-            best_err = torch.where(better, err, best_err)
+    # coarse log grid of clipping ratios (step 1.33x), then a fine one around the best
+    best_s = _grid_best(x, span, beta0, qn, qp, torch.logspace(-3, 0, 25, dtype=x.dtype))
+    best_s = _grid_best(x, best_s, beta0, qn, qp, torch.linspace(0.8, 1.25, 16, dtype=x.dtype))
+    best_s = _grid_best(x, best_s, beta0, qn, qp, torch.linspace(0.97, 1.03, 7, dtype=x.dtype))
     s, beta = best_s, beta0
     for _ in range(_MAX_ITERS):
         q = torch.round(torch.clamp((x - beta[:, None]) * (1.0 / s)[:, None], qn, qp))
@@ -224,12 +241,7 @@ class Quantizer(nn.Module):
         xv = x.reshape(outer, g, inner).transpose(0, 1).reshape(g, outer * inner)
         if self.scale.shape[0] == 1:
             xv = xv.reshape(1, -1)
-        m = xv.shape[1]
-        if m > _MAX_SAMPLES:
-            gen = torch.Generator(device="cpu").manual_seed(m)
-            idx = torch.randperm(m, generator=gen)[:_MAX_SAMPLES].to(xv.device)
-            xv = xv[:, idx]
-        return xv.float()
+        return _subsample(xv).float()
 
     @torch.no_grad()
     def init_from(self, x: Tensor) -> "Quantizer":
@@ -276,12 +288,7 @@ class Quantizer(nn.Module):
         samples, self._samples = self._samples, []
         if not samples:
             return False
-        rows = torch.cat(samples, dim=1)
-        if rows.shape[1] > 4 * _MAX_SAMPLES:
-            gen = torch.Generator(device="cpu").manual_seed(rows.shape[1])
-            idx = torch.randperm(rows.shape[1], generator=gen)[:4 * _MAX_SAMPLES]
-            rows = rows[:, idx.to(rows.device)]
-        self._fit_rows(rows)
+        self._fit_rows(_subsample(torch.cat(samples, dim=1)))
         return True
 
     def prepare(self, x: Tensor) -> bool:
