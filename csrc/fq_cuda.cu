@@ -8,8 +8,9 @@
  * Two work mappings, chosen from the shape alone (so the workspace size is a
  * function of (outer, G, inner, device) only):
  *
- *  rows  (G == 1, or inner >= QVIT_ROWS_MIN_INNER): per-tensor, per-head
- *        activations (inner = N*d), per-head weight rows (inner = d*C_in).
+ *  rows  (G == 1, outer == 1 or inner >= ROWS_MIN_INNER): per-tensor,
+ *        per-head activations (inner = N*d), per-head / per-channel weight
+ *        rows (outer = 1).
  *        The grid is G x S blocks; block (g, s) owns a balanced contiguous
  *        range of group g's outer*inner elements, so the group's parameters
  *        are decoded once into registers and its three backward sums are one
@@ -522,13 +523,18 @@ struct plan {
     dim3 grid, block;
 };
 
-bool use_rows(int64_t groups, int64_t inner) { return groups == 1 || inner >= ROWS_MIN_INNER; }
+/* The cols mapping pays off with many rows of a short period; a single row
+ * (weights split along dim 0) has nothing to walk down. */
+bool use_rows(int64_t outer, int64_t groups, int64_t inner)
+{
+    return groups == 1 || outer <= 1 || inner >= ROWS_MIN_INNER;
+}
 
 plan make_plan(int64_t outer, int64_t groups, int64_t inner, int sms, int bps, int V)
 {
     plan pl{};
     const int64_t target = (int64_t)sms * bps;
-    pl.rows = use_rows(groups, inner);
+    pl.rows = use_rows(outer, groups, inner);
     if (pl.rows) {
         const int64_t n = outer * inner;
         int64_t S = (target + groups - 1) / groups;
@@ -660,7 +666,7 @@ qvit_status blocks_per_sm(int device, int *out)
 template <typename T, int V, bool BWD>
 qvit_status launch_v(const fq_args &a, int device, int sms, cudaStream_t st, float *part, plan *pl_out)
 {
-    const bool rows = use_rows(a.groups, a.inner);
+    const bool rows = use_rows(a.outer, a.groups, a.inner);
     int bps = 0;
     const qvit_status status = rows ? blocks_per_sm<T, V, BWD, true>(device, &bps)
                                     : blocks_per_sm<T, V, BWD, false>(device, &bps);
@@ -680,7 +686,7 @@ qvit_status launch_main(const fq_args &a, int device, int sms, cudaStream_t st, 
 {
     constexpr int VV = 16 / (int)sizeof(T);
     const bool al = aligned16(a.x) && aligned16(BWD ? a.gx : a.y) && (!BWD || aligned16(a.gy));
-    const int64_t run = use_rows(a.groups, a.inner) ? a.inner : a.groups * a.inner;
+    const int64_t run = use_rows(a.outer, a.groups, a.inner) ? a.inner : a.groups * a.inner;
     if (al && run % VV == 0) return launch_v<T, VV, BWD>(a, device, sms, st, part, pl);
     return launch_v<T, 1, BWD>(a, device, sms, st, part, pl);
 }

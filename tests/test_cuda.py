@@ -382,6 +382,7 @@ EMU_LAYOUTS = {
     "rows_odd": ((3, 5, 1031), 1, 5), "channel": ((300, 96), -1, 96),
     "channel_wide": ((20, 600), -1, 600), "head_cols": ((100, 6 * 64), 1, 6),
     "cols_odd": ((50, 7), -1, 7), "tiny": ((1,), 0, 1), "one_row": ((1, 24), -1, 24),
+    "weight_rows": ((6 * 16, 20), 0, 6),       # outer = 1, short inner: rows mapping
 }
 # (layout, dtype, signed, offset, shared table, misaligned, SMs, blocks per SM)
 EMU_CASES = [
@@ -401,6 +402,8 @@ EMU_CASES = [
     ("cols_odd", torch.float32, True, True, False, False, 4, 2),
     ("tiny", torch.float32, True, False, False, False, 4, 2),
     ("one_row", torch.bfloat16, False, False, False, False, 4, 2),
+    ("weight_rows", torch.float32, True, False, False, False, 132, 8),
+    ("weight_rows", torch.bfloat16, True, True, True, True, 4, 2),
 ]
 
 
