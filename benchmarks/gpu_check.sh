@@ -87,9 +87,9 @@ assert info['c_loaded'] and info['cuda_built'] and info['cuda_devices'] > 0, inf
 CUOBJDUMP=$(command -v cuobjdump || true)
 CUDA_OBJ=$(find build -name 'fq_cuda.cu.o' -newer setup.py 2>/dev/null | head -1)
 if [ -n "$CUOBJDUMP" ] && [ -n "$CUDA_OBJ" ]; then
-    "$CUOBJDUMP" --list-elf --list-ptx "$CUDA_OBJ" > "$LOGDIR/resources.log" 2>&1
-    "$CUOBJDUMP" --dump-resource-usage "$CUDA_OBJ" 2>&1 | grep -E 'arch|Function|REG' \
-        | sed -E 's/^ *Function (.*):$/\1/' | paste - - | c++filt >> "$LOGDIR/resources.log"
+    { "$CUOBJDUMP" --list-elf "$CUDA_OBJ"; "$CUOBJDUMP" --list-ptx "$CUDA_OBJ"
+      "$CUOBJDUMP" --dump-resource-usage "$CUDA_OBJ" | c++filt; } > "$LOGDIR/resources.log" 2>&1
+    head -3 "$LOGDIR/resources.log"
     echo "register / shared memory use per kernel: build/gpu_check/resources.log"
 fi
 
