@@ -31,7 +31,8 @@ enum {
     QVIT_SMALL_INNER = 64,       /* inner <= this: the "rows" loops */
     QVIT_COL_BLOCK = 4096,       /* max columns of a "rows" chunk */
     QVIT_PAR_MIN = 32768,        /* fewer elements: one thread */
-    QVIT_LANES = 16              /* accumulator lanes of the segment backward */
+    QVIT_LANES = 16,             /* accumulator lanes of the segment backward */
+    QVIT_MIN_ROWS = 16           /* min rows of a "rows" chunk */
 };
 /* Bound on (number of chunks) x G of the backward partials (doubles x 3). */
 #define QVIT_PARTIAL_BUDGET ((int64_t)1 << 18)
@@ -356,9 +357,11 @@ static rows_plan plan_rows(const qvit_fq_params *p, int bounded)
         rp.cols = rp.width;
     }
     rp.nb_cols = ceil_div(rp.width, rp.cols);
+    /* at least QVIT_MIN_ROWS rows: the per-chunk clear and column sums then
+     * cost little next to the chunk's elements */
     rp.rows = QVIT_CHUNK / rp.cols;
-    if (rp.rows < 1) {
-        rp.rows = 1;
+    if (rp.rows < QVIT_MIN_ROWS) {
+        rp.rows = QVIT_MIN_ROWS;
     }
     if (bounded) {
         int64_t max_blocks = QVIT_PARTIAL_BUDGET / p->groups;
@@ -532,14 +535,17 @@ static void backward_rows(const qvit_fq_params *p, const loops *lp, const void *
             memset(mine, 0, (size_t)3 * (size_t)w * lp->asize);
             size_t off = ((size_t)r0 * (size_t)rp->width + (size_t)j0) * lp->xsize;
             lp->bwd_rows(x + off, u + off, gx + off, nr, rp->width, w, pv, av);
-            /* columns -> groups, in column order */
+            /* columns -> groups, in column order (blocks hold whole groups) */
             double *pr = part + (size_t)rb * (size_t)p->groups * 3;
-            for (int64_t j = 0; j < w; j++) {
-                int64_t g = (j0 + j) / p->inner;
-                for (int f = 0; f < 3; f++) {
-                    double v = lp->asize == sizeof(double) ? ((const double *)av[f])[j]
-                                                           : (double)((const float *)av[f])[j];
-                    pr[g * 3 + f] += v;
+            const int64_t g0 = j0 / p->inner, ng = w / p->inner;
+            for (int f = 0; f < 3; f++) {
+                for (int64_t gi = 0; gi < ng; gi++) {
+                    double sum = 0.0;
+                    for (int64_t i = gi * p->inner; i < (gi + 1) * p->inner; i++) {
+                        sum += lp->asize == sizeof(double) ? ((const double *)av[f])[i]
+                                                           : (double)((const float *)av[f])[i];
+                    }
+                    pr[(g0 + gi) * 3 + f] += sum;
                 }
             }
         }

@@ -23,9 +23,26 @@ QV_TARGET static void QV_NAME(fwd_seg)(const void *xv, void *yv, int64_t n, cons
     }
 }
 
-/* One row of the "rows" layout: parameters are vectors along the row. */
-QV_TARGET static inline void QV_NAME(fwd_row)(const QV_XT *x, QV_XT *y, int64_t w,
-                                              const QV_AT *restrict s,
+/* "rows" layout: parameters are vectors along the row; four rows at a time
+ * share each parameter load. Inputs and outputs never overlap (the binding
+ * checks), hence restrict, which GCC needs here to vectorise. */
+QV_TARGET static inline void QV_NAME(fwd_row4)(
+    const QV_XT *restrict x0, const QV_XT *restrict x1, const QV_XT *restrict x2,
+    const QV_XT *restrict x3, QV_XT *restrict y0, QV_XT *restrict y1, QV_XT *restrict y2,
+    QV_XT *restrict y3, int64_t w, const QV_AT *restrict s, const QV_AT *restrict beta,
+    const QV_AT *restrict qn, const QV_AT *restrict qp)
+{
+    for (int64_t j = 0; j < w; j++) {
+        QV_GT g = {s[j], beta[j], qn[j], qp[j]};
+        y0[j] = QV_STORE(QV_FWD(QV_LOAD(x0[j]), g));
+        y1[j] = QV_STORE(QV_FWD(QV_LOAD(x1[j]), g));
+        y2[j] = QV_STORE(QV_FWD(QV_LOAD(x2[j]), g));
+        y3[j] = QV_STORE(QV_FWD(QV_LOAD(x3[j]), g));
+    }
+}
+
+QV_TARGET static inline void QV_NAME(fwd_row)(const QV_XT *restrict x, QV_XT *restrict y,
+                                              int64_t w, const QV_AT *restrict s,
                                               const QV_AT *restrict beta,
                                               const QV_AT *restrict qn,
                                               const QV_AT *restrict qp)
@@ -39,10 +56,19 @@ QV_TARGET static inline void QV_NAME(fwd_row)(const QV_XT *x, QV_XT *y, int64_t 
 QV_TARGET static void QV_NAME(fwd_rows)(const void *xv, void *yv, int64_t rows, int64_t stride,
                                         int64_t w, const void *const prm[4])
 {
-    for (int64_t r = 0; r < rows; r++) {
-        QV_NAME(fwd_row)((const QV_XT *)xv + r * stride, (QV_XT *)yv + r * stride, w,
-                         (const QV_AT *)prm[0], (const QV_AT *)prm[1], (const QV_AT *)prm[2],
-                         (const QV_AT *)prm[3]);
+    const QV_XT *x = (const QV_XT *)xv;
+    QV_XT *y = (QV_XT *)yv;
+    const QV_AT *s = (const QV_AT *)prm[0], *beta = (const QV_AT *)prm[1];
+    const QV_AT *qn = (const QV_AT *)prm[2], *qp = (const QV_AT *)prm[3];
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        const QV_XT *xr = x + r * stride;
+        QV_XT *yr = y + r * stride;
+        QV_NAME(fwd_row4)(xr, xr + stride, xr + 2 * stride, xr + 3 * stride, yr, yr + stride,
+                          yr + 2 * stride, yr + 3 * stride, w, s, beta, qn, qp);
+    }
+    for (; r < rows; r++) {
+        QV_NAME(fwd_row)(x + r * stride, y + r * stride, w, s, beta, qn, qp);
     }
 }
 
@@ -80,12 +106,35 @@ QV_TARGET static void QV_NAME(bwd_seg)(const void *xv, const void *uv, void *gxv
     }
 }
 
-/* One row of the "rows" backward: per-column sums into ar / ah / al. The
- * row loop lives in its own function so that GCC 12 sees restrict-qualified
- * parameters; inlined into the row loop it reports "complicated access
+/* "rows" backward, four rows at a time: column j adds the rows in row order,
+ * so the sums equal those of one row at a time, bit for bit. */
+QV_TARGET static inline void QV_NAME(bwd_row4)(
+    const QV_XT *restrict x0, const QV_XT *restrict x1, const QV_XT *restrict x2,
+    const QV_XT *restrict x3, const QV_XT *restrict u0, const QV_XT *restrict u1,
+    const QV_XT *restrict u2, const QV_XT *restrict u3, QV_XT *restrict g0,
+    QV_XT *restrict g1, QV_XT *restrict g2, QV_XT *restrict g3, int64_t w,
+    const QV_AT *restrict s, const QV_AT *restrict beta, const QV_AT *restrict qn,
+    const QV_AT *restrict qp, QV_AT *restrict ar, QV_AT *restrict ah, QV_AT *restrict al)
+{
+    for (int64_t j = 0; j < w; j++) {
+        QV_GT g = {s[j], beta[j], qn[j], qp[j]};
+        QV_AT a0 = ar[j], a1 = ah[j], a2 = al[j];
+        g0[j] = QV_STORE(QV_BWD(QV_LOAD(x0[j]), QV_LOAD(u0[j]), g, &a0, &a1, &a2));
+        g1[j] = QV_STORE(QV_BWD(QV_LOAD(x1[j]), QV_LOAD(u1[j]), g, &a0, &a1, &a2));
+        g2[j] = QV_STORE(QV_BWD(QV_LOAD(x2[j]), QV_LOAD(u2[j]), g, &a0, &a1, &a2));
+        g3[j] = QV_STORE(QV_BWD(QV_LOAD(x3[j]), QV_LOAD(u3[j]), g, &a0, &a1, &a2));
+        ar[j] = a0;
+        ah[j] = a1;
+        al[j] = a2;
+    }
+}
+
+/* The row loops live in their own functions with restrict parameters:
+ * inlined into the loop over rows, GCC 12 reports "complicated access
  * pattern" and does not vectorise. */
-QV_TARGET static inline void QV_NAME(bwd_row)(const QV_XT *x, const QV_XT *u, QV_XT *gx,
-                                              int64_t w, const QV_AT *restrict s,
+QV_TARGET static inline void QV_NAME(bwd_row)(const QV_XT *restrict x, const QV_XT *restrict u,
+                                              QV_XT *restrict gx, int64_t w,
+                                              const QV_AT *restrict s,
                                               const QV_AT *restrict beta,
                                               const QV_AT *restrict qn,
                                               const QV_AT *restrict qp, QV_AT *restrict ar,
@@ -106,10 +155,21 @@ QV_TARGET static void QV_NAME(bwd_rows)(const void *xv, const void *uv, void *gx
                                         int64_t stride, int64_t w, const void *const prm[4],
                                         void *const acc[3])
 {
-    for (int64_t r = 0; r < rows; r++) {
-        QV_NAME(bwd_row)((const QV_XT *)xv + r * stride, (const QV_XT *)uv + r * stride,
-                         (QV_XT *)gxv + r * stride, w, (const QV_AT *)prm[0],
-                         (const QV_AT *)prm[1], (const QV_AT *)prm[2], (const QV_AT *)prm[3],
-                         (QV_AT *)acc[0], (QV_AT *)acc[1], (QV_AT *)acc[2]);
+    const QV_XT *x = (const QV_XT *)xv, *u = (const QV_XT *)uv;
+    QV_XT *gx = (QV_XT *)gxv;
+    const QV_AT *s = (const QV_AT *)prm[0], *beta = (const QV_AT *)prm[1];
+    const QV_AT *qn = (const QV_AT *)prm[2], *qp = (const QV_AT *)prm[3];
+    QV_AT *ar = (QV_AT *)acc[0], *ah = (QV_AT *)acc[1], *al = (QV_AT *)acc[2];
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        const QV_XT *xr = x + r * stride, *ur = u + r * stride;
+        QV_XT *gr = gx + r * stride;
+        QV_NAME(bwd_row4)(xr, xr + stride, xr + 2 * stride, xr + 3 * stride, ur, ur + stride,
+                          ur + 2 * stride, ur + 3 * stride, gr, gr + stride, gr + 2 * stride,
+                          gr + 3 * stride, w, s, beta, qn, qp, ar, ah, al);
+    }
+    for (; r < rows; r++) {
+        QV_NAME(bwd_row)(x + r * stride, u + r * stride, gx + r * stride, w, s, beta, qn, qp,
+                         ar, ah, al);
     }
 }

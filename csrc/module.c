@@ -362,6 +362,42 @@ static int check_shape_like(const tview *v, const tview *ref, const char *what)
     return 0;
 }
 
+static int view_bytes(const tview *v, char **lo, char **hi)
+{
+    int64_t n = view_numel(v);
+    if (!v->valid || n <= 0 || !view_data(v)) {
+        return 0;
+    }
+    *lo = (char *)view_data(v);
+    *hi = *lo + n * (int64_t)((v->t.dtype.bits * v->t.dtype.lanes + 7) / 8);
+    return 1;
+}
+
+/* Outputs may not share memory with inputs or with each other: the kernels
+ * read and write through restrict pointers. NULL entries are skipped. */
+static int check_no_overlap(const tview *const *outs, int n_out, const tview *const *ins, int n_in)
+{
+    for (int i = 0; i < n_out; i++) {
+        char *alo, *ahi;
+        if (!outs[i] || !view_bytes(outs[i], &alo, &ahi)) {
+            continue;
+        }
+        for (int k = 0; k < n_in + i; k++) {
+            const tview *o = k < n_in ? ins[k] : outs[k - n_in];
+            char *blo, *bhi;
+            if (!o || !view_bytes(o, &blo, &bhi)) {
+                continue;
+            }
+            if (alo < bhi && blo < ahi) {
+                PyErr_Format(PyExc_ValueError, "qvit: %s shares memory with %s; outputs must "
+                             "not overlap the inputs or each other", outs[i]->name, o->name);
+                return -1;
+            }
+        }
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------------------ */
 /* Argument helpers */
 
@@ -672,6 +708,13 @@ static PyObject *fq_forward(PyObject *module, PyObject *args, PyObject *kwargs)
                     p.is_signed) < 0) {
         goto done;
     }
+    {
+        const tview *outs[1] = {&y};
+        const tview *ins[4] = {&x, &scale, &bits, has_offset ? &offset : NULL};
+        if (check_no_overlap(outs, 1, ins, 4) < 0) {
+            goto done;
+        }
+    }
     p.has_offset = has_offset;
     p.grad_scale = -1.0;
     p.x_dtype = (qvit_dtype)xdt;
@@ -817,6 +860,13 @@ static PyObject *fq_backward(PyObject *module, PyObject *args, PyObject *kwargs)
         (has_offset && (check_tensor(&go, &x, pdt, 1) < 0 ||
                         check_shape_like(&go, &offset, "offset") < 0))) {
         goto done;
+    }
+    {
+        const tview *outs[4] = {&gx, &gs, &gb, has_offset ? &go : NULL};
+        const tview *ins[5] = {&gy, &x, &scale, &bits, has_offset ? &offset : NULL};
+        if (check_no_overlap(outs, 4, ins, 5) < 0) {
+            goto done;
+        }
     }
     p.has_offset = has_offset;
     p.grad_scale = lsq < 0.0 ? -1.0 : lsq;
