@@ -18,8 +18,10 @@
 #include <ucontext.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#undef __global__
 #define __global__
 #define __launch_bounds__(...)
+#undef __shared__
 #define __shared__ static
 #ifndef __device__
 #define __device__
