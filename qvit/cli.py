@@ -104,7 +104,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="BitOPs budget = uniform WbAb with 8-bit first/last layers")
     q.add_argument("--budget-gbitops", type=float, default=None)
     q.add_argument("--budget-kind", default="bitops", choices=("bitops", "size"))
-    q.add_argument("--budget-weight", type=float, default=0.1)
+    q.add_argument("--budget-weight", type=float, default=0.1, help="lambda of the budget loss")
+    q.add_argument("--budget-relative", action="store_true",
+                   help="penalise the overshoot relative to the budget: "
+                        "lambda*max(B/budget-1,0)^2 (for models far from DeiT size)")
     hw = q.add_mutually_exclusive_group()
     hw.add_argument("--head-wise", dest="head_wise", action="store_true", default=None)
     hw.add_argument("--no-head-wise", dest="head_wise", action="store_false")
@@ -328,6 +331,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             msg = f"{PROG}: error: {msg}"
         print(msg.splitlines()[0] if msg else f"{PROG}: error", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # e.g. `qvit report ... | head`
+        return 0
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -187,6 +187,7 @@ class QuantState:
         self.budget = None
         self.budget_kind = args.budget_kind
         self.budget_weight = args.budget_weight
+        self.budget_relative = bool(getattr(args, "budget_relative", False))
         self.frozen = False
         self._quantizers: List[Any] = []
         if not self.active:
@@ -220,8 +221,12 @@ class QuantState:
             return None
         from .budget import budget_loss
 
-        return budget_loss(self.model, self.budget, weight=self.budget_weight,
-                           kind=self.budget_kind)
+        weight = self.budget_weight
+        if self.budget_relative:
+            # lambda * max(B/budget - 1, 0)^2: the same relative overshoot costs the
+            # same whatever the model's size (tiny models have tiny GBitOPs)
+            weight = weight / max(self.budget, 1e-30) ** 2
+        return budget_loss(self.model, self.budget, weight=weight, kind=self.budget_kind)
 
     def after_step(self) -> None:
         for q in self._quantizers:

@@ -1,0 +1,155 @@
+"""Image folders through timm's loader, the embedded digits folder, epoch seeding."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qvit.data import (DataError, LoaderConfig, _Shard, check_image_folder, create_loader,
+                       eval_folder, set_epoch)
+
+
+def make_folder(root, classes=3, per_class=(6, 3), size=8, seed=0):
+    """A tiny class-per-subfolder dataset of random RGB PNGs (train/ and val/)."""
+    rng = np.random.RandomState(seed)
+    for split, n in zip(("train", "val"), per_class):
+        for c in range(classes):
+            d = os.path.join(root, split, f"c{c}")
+            os.makedirs(d, exist_ok=True)
+            for i in range(n):
+                pix = rng.randint(0, 256, size=(size, size, 3), dtype=np.uint8)
+                pix[..., c % 3] = 40 * c  # a class signal
+                Image.fromarray(pix).save(os.path.join(d, f"{i}.png"))
+    return str(root)
+
+
+def test_check_image_folder_ok(tmp_path):
+    root = make_folder(tmp_path)
+    info = check_image_folder(root)
+    assert info["classes"] == ["c0", "c1", "c2"]
+    assert info["train_count"] == 18 and info["val_count"] == 9
+    assert info["train"].endswith("train") and info["val"].endswith("val")
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("missing", "does not exist"),
+    ("no_val", "no val/ subfolder"),
+    ("empty_train", "is empty"),
+    ("class_mismatch", "class subfolders differ"),
+])
+def test_check_image_folder_errors(tmp_path, case, pattern):
+    root = tmp_path / "d"
+    if case == "missing":
+        pass
+    elif case == "no_val":
+        make_folder(root)
+        for f in os.listdir(root / "val" / "c0"):
+            os.unlink(root / "val" / "c0" / f)
+        os.rename(root / "val", root / "other")
+    elif case == "empty_train":
+        os.makedirs(root / "train" / "c0")
+        make_folder(tmp_path / "src")
+        os.rename(tmp_path / "src" / "val", root / "val")
+    elif case == "class_mismatch":
+        make_folder(root)
+        os.rename(root / "val" / "c2", root / "val" / "zz")
+    with pytest.raises(DataError, match=pattern):
+        check_image_folder(str(root))
+
+
+def test_eval_folder_accepts_root_or_split(tmp_path):
+    root = make_folder(tmp_path)
+    assert eval_folder(root).endswith("val")
+    assert eval_folder(os.path.join(root, "train")).endswith("train")
+    with pytest.raises(DataError):
+        eval_folder(str(tmp_path / "nope"))
+
+
+def _cfg(**kw):
+    base = dict(img_size=16, batch_size=4, workers=0, mean=(0.5,) * 3, std=(0.5,) * 3,
+                crop_pct=1.0, scale=(0.7, 1.0), hflip=0.0, color_jitter=0.0)
+    base.update(kw)
+    return LoaderConfig(**base)
+
+
+def test_loader_shapes_and_values(tmp_path):
+    root = make_folder(tmp_path)
+    dev = torch.device("cpu")
+    tl = create_loader(os.path.join(root, "train"), _cfg(), is_training=True, device=dev)
+    vl = create_loader(os.path.join(root, "val"), _cfg(), is_training=False, device=dev)
+    x, y = next(iter(tl))
+    assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert len(tl) == 18 // 4  # drop_last in training
+    xs, ys = zip(*list(vl))
+    assert sum(len(t) for t in ys) == 9
+    # eval transform is deterministic and normalised with the given mean/std
+    v = torch.cat(xs)
+    assert v.min() >= -1.0 - 1e-6 and v.max() <= 1.0 + 1e-6
+    xs2, _ = zip(*list(vl))
+    assert torch.equal(v, torch.cat(xs2))
+
+
+def test_set_epoch_makes_order_a_function_of_seed_and_epoch(tmp_path):
+    root = make_folder(tmp_path)
+    dev = torch.device("cpu")
+    cfg = _cfg(no_aug=True)
+    tl = create_loader(os.path.join(root, "train"), cfg, is_training=True, device=dev)
+
+    def labels(epoch, seed):
+        torch.manual_seed(1234 + epoch)  # global RNG must not matter
+        set_epoch(tl, epoch, seed)
+        return torch.cat([y for _, y in tl]).tolist()
+
+    a = labels(0, 7)
+    assert labels(0, 7) == a
+    assert any(labels(e, 7) != a for e in (1, 2, 3))
+
+
+def test_shard_partitions_without_padding():
+    base = list(range(10))
+
+    class DS(torch.utils.data.Dataset):
+        transform = None
+
+        def __len__(self):
+            return len(base)
+
+        def __getitem__(self, i):
+            return base[i]
+
+    ds = DS()
+    shards = [_Shard(ds, r, 3) for r in range(3)]
+    got = sorted(x for s in shards for x in (s[i] for i in range(len(s))))
+    assert got == base
+    shards[1].transform = "t"
+    assert ds.transform == "t"
+
+
+def test_digits_folder_written_once_and_stratified(tmp_path):
+    pytest.importorskip("sklearn")
+    from qvit.demo import write_digits_folder
+
+    root = write_digits_folder(str(tmp_path / "digits"))
+    info = check_image_folder(root)
+    assert info["classes"] == [str(i) for i in range(10)]
+    assert info["train_count"] + info["val_count"] == 1797
+    assert abs(info["val_count"] - 0.2 * 1797) <= 10
+    for c in info["classes"]:  # every class in both splits, about 20% in val
+        nv = len(os.listdir(os.path.join(root, "val", c)))
+        nt = len(os.listdir(os.path.join(root, "train", c)))
+        assert 0.15 < nv / (nv + nt) < 0.25
+    # the images are the digits: compare one to sklearn's array
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    f = sorted(os.listdir(os.path.join(root, "val", "3")))[0]
+    i = int(f.split(".")[0])
+    img = np.asarray(Image.open(os.path.join(root, "val", "3", f)))
+    assert d.target[i] == 3
+    np.testing.assert_allclose(img, np.round(d.images[i] * 255 / 16), atol=0)
+    # second call reuses the folder (marker present): no rewrite
+    mtime = os.path.getmtime(os.path.join(root, "val", "3", f))
+    write_digits_folder(root)
+    assert os.path.getmtime(os.path.join(root, "val", "3", f)) == mtime
