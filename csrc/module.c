@@ -203,11 +203,15 @@ static int view_contiguous(const tview *v)
     if (!v->t.strides) {
         return 1;
     }
-    int64_t expected = 1;
-    for (int i = v->t.ndim - 1; i >= 0; i--) {
+    /* An empty tensor is contiguous whatever its strides (NumPy exports all-zero
+     * strides for empty arrays, so the size-0 dimension must be found first). */
+    for (int i = 0; i < v->t.ndim; i++) {
         if (v->t.shape[i] == 0) {
             return 1;
         }
+    }
+    int64_t expected = 1;
+    for (int i = v->t.ndim - 1; i >= 0; i--) {
         if (v->t.shape[i] != 1 && v->t.strides[i] != expected) {
             return 0;
         }
@@ -289,6 +293,47 @@ static const char *device_name(DLDeviceType t)
 
 /* Device, contiguity, dtype (== want, or any float type when want < 0) of one
  * tensor against the reference device of x. */
+/* What a DLPack producer may claim but no real tensor has: ndim < 0, a
+ * negative size, an element count beyond int64 (it would wrap in every size
+ * computation), a data pointer not aligned to the element size (NumPy exports
+ * unaligned views; the kernels load whole elements). */
+static int check_extent(const tview *v)
+{
+    if (v->t.ndim < 0 || (v->t.ndim > 0 && !v->t.shape)) {
+        PyErr_Format(PyExc_ValueError, "qvit: %s has an invalid DLPack shape (ndim=%d)", v->name,
+                     (int)v->t.ndim);
+        return -1;
+    }
+    int empty = 0;
+    for (int i = 0; i < v->t.ndim; i++) {
+        if (v->t.shape[i] < 0) {
+            PyErr_Format(PyExc_ValueError, "qvit: %s has a negative size %lld in dimension %d",
+                         v->name, (long long)v->t.shape[i], i);
+            return -1;
+        }
+        empty |= v->t.shape[i] == 0;
+    }
+    if (empty) {
+        return 0;
+    }
+    int64_t n = 1;
+    for (int i = 0; i < v->t.ndim; i++) {
+        if (n > INT64_MAX / v->t.shape[i]) {
+            PyErr_Format(PyExc_ValueError, "qvit: %s claims more than 2^63 elements", v->name);
+            return -1;
+        }
+        n *= v->t.shape[i];
+    }
+    size_t item = ((size_t)v->t.dtype.bits * v->t.dtype.lanes + 7) / 8;
+    if (item > 1 && ((uintptr_t)view_data(v)) % item != 0) {
+        PyErr_Format(PyExc_ValueError, "qvit: %s is not aligned to its %u-byte element size; "
+                     "pass an aligned copy (e.g. numpy.ascontiguousarray / .copy())", v->name,
+                     (unsigned)item);
+        return -1;
+    }
+    return 0;
+}
+
 static int check_tensor(const tview *v, const tview *x, int want_dtype, int writable)
 {
     char buf[64];
@@ -317,6 +362,9 @@ static int check_tensor(const tview *v, const tview *x, int want_dtype, int writ
         PyErr_Format(PyExc_TypeError, "qvit: %s must be %s (like %s), got %s", v->name,
                      dtype_name((qvit_dtype)want_dtype), v == x ? "x" : "its reference",
                      dtype_name((qvit_dtype)dt));
+        return -1;
+    }
+    if (check_extent(v) < 0) {
         return -1;
     }
     if (!view_contiguous(v)) {
