@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/bench_ops.py [--device cpu|cuda] [--dtype float32|bfloat16|float16]
-                                   [--quick] [--compile-ref] [--no-huge]
+                                   [--quick] [--compile-ref] [--no-huge] [--threads N]
 
 For each shape (DeiT-Tiny/Small quantizer sites at batch 64, plus one tensor
 far beyond the last-level cache) it times forward + backward, as a user's
@@ -219,7 +219,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--compile-ref", action="store_true",
                    help="also time the reference under torch.compile (default on CUDA)")
     p.add_argument("--no-huge", action="store_true", help="skip the 1 GiB case")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch.set_num_threads for every contender (default: torch's choice)")
     args = p.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda":
         if not torch.cuda.is_available():
             p.error("--device cuda: no CUDA device")
