@@ -80,7 +80,10 @@ ARCHS = [a.strip() for a in os.environ.get("QVIT_CUDA_ARCHS", "80;90").split(";"
 
 if SANITIZE:
     C_FLAGS = ["-O1", "-g", "-std=c11", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math",
-               "-fvisibility=hidden", f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer"]
+               "-fvisibility=hidden", f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer",
+               # CPython's CFLAGS carry -fwrapv, which makes signed overflow defined
+               # and so invisible to UBSan; the int64 index arithmetic must be checked.
+               "-fno-wrapv"]
     LINK_FLAGS = ["-fopenmp", f"-fsanitize={SANITIZE}"]
 else:
     # -ffp-contract=off: a fused multiply-add would change the rounding of
