@@ -122,7 +122,7 @@ def budget_loss(model: nn.Module, budget_gbitops: float, weight: float = 0.1,
     Args:
         model: a quantized model that has run a forward.
         budget_gbitops: the budget: GBitOPs per image for ``kind="bitops"``,
-            megabytes (1e6 bytes) of weights for ``kind="size"``.
+            megabits (1e6 bits) of weights for ``kind="size"``.
         weight: lambda (0.1 in the paper).
         kind: ``"bitops"`` or ``"size"``.
 
@@ -135,7 +135,7 @@ def budget_loss(model: nn.Module, budget_gbitops: float, weight: float = 0.1,
         raise ValueError(f"budget_gbitops must be a non-negative number, got {budget_gbitops!r}")
     if not isinstance(weight, (int, float)) or not weight >= 0:
         raise ValueError(f"weight must be a non-negative number, got {weight!r}")
-    cost = bitops(model) / 1e9 if kind == "bitops" else model_size_bits(model) / 8e6
+    cost = bitops(model) / 1e9 if kind == "bitops" else model_size_bits(model) / 1e6
     return weight * torch.clamp(cost - budget_gbitops, min=0) ** 2
 
 

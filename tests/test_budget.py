@@ -100,7 +100,7 @@ def test_budget_loss_and_uniform_helpers():
     assert uniform_bitops(model, 4, first_last_bits=None) / 1e9 < g4  # first/last at 4, not 8
     assert float(budget_loss(model, g4 * 1.01)) == 0.0
     assert float(budget_loss(model, g4 / 2, weight=0.5)) == pytest.approx(0.5 * (g4 / 2) ** 2, rel=1e-5)
-    mb = uniform_size_bits(model, 4) / 8e6
+    mb = uniform_size_bits(model, 4) / 1e6  # megabits
     assert float(budget_loss(model, mb / 2, weight=1.0, kind="size")) == pytest.approx((mb / 2) ** 2, rel=1e-5)
     with pytest.raises(ValueError, match="kind"):
         budget_loss(model, 1.0, kind="flops")
