@@ -388,3 +388,15 @@ def test_zero_dim_input(impl):
     x = tie_free_input((), 0, scale, bits, None, signed=True, seed=32)
     gy = torch.tensor(0.75)
     compare(impl, x, scale, bits, None, gy)
+
+
+@pytest.mark.parametrize("signed,br", [(False, (1, 4)), (True, (3, 6)), (False, (8, 8)), (True, (2, 16))])
+def test_other_bit_ranges(impl, signed, br):
+    """Table width K = max - min + 1 and the column index follow bits_range."""
+    shape, dim, g = (3, 4, 33), 1, 4
+    bits = [br[0] - 1.0, br[0] + 0.5, (br[0] + br[1]) / 2 + 0.2, br[1] + 3.0]
+    scale, bits_t, offset = make_params(g, scale_rows=g, bits=bits, bits_range=br,
+                                        offset=not signed, seed=41)
+    x = tie_free_input(shape, dim, scale, bits_t, offset, signed=signed, bits_range=br, seed=42)
+    gy = torch.randn(shape, generator=torch.Generator().manual_seed(43))
+    compare(impl, x, scale, bits_t, offset, gy, signed=signed, dim=dim, bits_range=br)
