@@ -22,9 +22,13 @@ class CheckpointError(ValueError):
 
 
 def rng_state() -> Dict[str, Any]:
+    # only tensors and plain python values: the file then loads with
+    # torch.load(weights_only=True), as timm's load_checkpoint does
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                  float(cached)],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -34,7 +38,9 @@ def rng_state() -> Dict[str, Any]:
 
 def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos,
+                         has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         cuda = state["cuda"]
@@ -71,9 +77,8 @@ def load(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
             raise CheckpointError(f"checkpoint {path!r} is corrupt or unreadable: "
                                   f"{_first_line(e)}") from None
     try:
-        # our own checkpoints hold RNG states (numpy arrays) and plain python
-        # objects, which need the full unpickler
-        obj = torch.load(path, map_location=map_location, weights_only=False)
+        # tensors and plain python values only: no code runs from the file
+        obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"checkpoint {path!r} is corrupt or unreadable: "
                               f"{_first_line(e)}") from None

@@ -161,8 +161,8 @@ def run_demo(args) -> List[dict]:
             ab = average_bits(m)
             rows.append({"method": label, "seed": seed, "top1": s["final_top1"],
                          "wbits": ab["weights"], "abits": ab["activations"],
-                         "gbitops": float(bitops(m)) / 1e9,
-                         "size_kb": float(model_size_bits(m)) / 8 / 1024,
+                         "gbitops": float(bitops(m).detach()) / 1e9,
+                         "size_kb": float(model_size_bits(m).detach()) / 8 / 1024,
                          "budget_gbitops": s.get("budget")})
             if "gbitops" not in float_row:
                 float_row["gbitops"], float_row["size_kb"] = _float_costs(m)

@@ -246,7 +246,7 @@ class QuantState:
 
         out: Dict[str, float] = {}
         try:
-            out["gbitops"] = float(bitops(self.model)) / 1e9
+            out["gbitops"] = float(bitops(self.model).detach()) / 1e9
         except Exception:  # noqa: BLE001 - before the first forward
             pass
         for k, v in average_bits(self.model).items():
@@ -594,7 +594,7 @@ def _size_summary(model) -> Dict[str, float]:
     from .budget import model_size_bits
 
     try:
-        return {"size_kb": float(model_size_bits(model)) / 8.0 / 1024.0}
+        return {"size_kb": float(model_size_bits(model).detach()) / 8.0 / 1024.0}
     except Exception:  # noqa: BLE001
         return {}
 
@@ -712,7 +712,7 @@ def _train_one_epoch(train_model, model, teacher, loader, optimizer, scheduler, 
 def _args_dict(args) -> Dict[str, Any]:
     out = {}
     for k, v in vars(args).items():
-        if callable(v):
+        if callable(v) or k == "command":
             continue
         if isinstance(v, tuple):
             v = list(v)
