@@ -55,6 +55,9 @@ def batch_size(model: nn.Module) -> int:
         RuntimeError: no forward has run since :func:`~qvit.convert.quantize_model`.
     """
     b = model.__dict__.get("_qvit_batch")
+    if not b:  # a wrapper (DistributedDataParallel, EMA): the quantized model is inside
+        b = next((m.__dict__["_qvit_batch"] for m in model.modules() if m.__dict__.get("_qvit_batch")),
+                 None)
     if not b:
         raise RuntimeError("no forward recorded: run the quantized model on a batch "
                            "(batch 1 is enough) before computing BitOPs")
