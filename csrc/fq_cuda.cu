@@ -33,7 +33,11 @@
  * Loads and stores are 16-byte vectors (4 x fp32, 8 x fp16 / bf16) when the
  * pointers are 16-byte aligned and the contiguous run (inner, or P) is a
  * multiple of the vector width; otherwise the same kernels run with scalars.
- * Indices are int64 throughout (tensors beyond 2^31 elements).
+ * Indices are int64 throughout (tensors beyond 2^31 elements). Grids are one
+ * full wave: the SM count (cached per device) times the resident blocks per
+ * SM of the kernel (occupancy API, cached per kernel and device); blocks get
+ * equal shares, so there is no tail wave. A tensor on a device other than
+ * the current one is handled by switching to it and back.
  *
  * Bad parameter values: the CUDA path cannot check values without a host
  * sync, so it poisons instead. A group whose bit-width is not finite, whose
