@@ -312,12 +312,23 @@ if res:
             lines.append(f"  [FAIL] {r['dtype']}: forward differs from the reference")
 else:
     lines.append("kernel benchmark: no results (see kernel_bench.log)")
+lines.append("")
+lines.append("bench_ops.py --quick (eager, as a training step calls it):")
 for dt in ("float32", "bfloat16"):
     p = os.path.join(d, f"bench_ops_{dt}.log")
-    if os.path.exists(p):
-        txt = open(p).read()
-        m = re.findall(r"^\|.*\| qvit .*$", txt, re.M)
-        lines.append(f"bench_ops.py {dt}: {len(m)} qvit rows (see bench_ops_{dt}.log)")
+    if not os.path.exists(p):
+        lines.append(f"  {dt}: no log")
+        continue
+    rows = [[c.strip() for c in ln.strip().strip("|").split("|")]
+            for ln in open(p) if ln.startswith("|") and not ln.startswith("|-")]
+    rows = [r for r in rows if len(r) >= 8 and r[3] != "contender"]
+    if not rows:
+        lines.append(f"  {dt}: no result rows (see bench_ops_{dt}.log)")
+    for r in rows:
+        if r[3] == "qvit":
+            lines.append(f"  {dt} {r[0]} {r[1]}: qvit {r[4]} ms, {r[5]} GB/s, {r[6]} of copy")
+        elif r[3] in ("aten", "reference", "ref+compile"):
+            lines.append(f"  {dt} {r[0]} {r[1]}: {r[3]} {r[4]} ms (qvit faster by {r[7]})")
 print("\n".join(lines))
 PYEOF
 cat "$LOGDIR/summary.txt"
