@@ -68,6 +68,31 @@ if [ ! -e "$libasan" ]; then
     exit 1
 fi
 
+# Canary: a tiny library with the same flags, one signed overflow and one
+# heap overflow, loaded the same way (ctypes, preloaded runtime). Both must be
+# reported, or this run could not fail on a real bug.
+cat >"$work/canary.c" <<'C'
+#include <stdint.h>
+#include <stdlib.h>
+int64_t canary_overflow(int64_t a) { return a * 4; }
+int canary_oob(int n) { int *p = malloc(n * sizeof(int)); int v = p[n]; free(p); return v; }
+C
+${CC:-gcc} -shared -fPIC -O1 -g -fno-wrapv -fsanitize=address,undefined -fno-omit-frame-pointer \
+    "$work/canary.c" -o "$work/canary.so"
+canary() {
+    LD_PRELOAD="$libasan:$libubsan" ASAN_OPTIONS="detect_leaks=0" \
+        UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1" \
+        "$python" -c "import ctypes; ctypes.CDLL('$work/canary.so').$1" >"$work/canary.log" 2>&1 || true
+    if ! grep -q "$2" "$work/canary.log"; then
+        cat "$work/canary.log"
+        echo "qvit-san: the sanitizer canary $1 was not reported; reports are not live" >&2
+        exit 1
+    fi
+}
+canary "canary_overflow(ctypes.c_int64(1 << 62))" "signed integer overflow"
+canary "canary_oob(4)" "heap-buffer-overflow"
+echo "qvit-san: canary reports live (UBSan signed overflow, ASan heap overflow)"
+
 default_tests="tests/test_ops.py tests/test_ops_errors.py tests/test_binding.py
 tests/test_hardening.py tests/test_fuzz_corpus.py"
 tests=()
