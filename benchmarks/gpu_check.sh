@@ -19,7 +19,8 @@
 #   4. pytest tests/test_cuda.py tests/test_ops.py -k "cuda and not emul" (the host
 #      emulation tests need no GPU and run in CI)
 #   5. benchmarks/bench_ops.py --device cuda --quick, fp32 and bf16
-#   6. summary table
+#   6. compute-sanitizer memcheck + racecheck on small shapes (if present and time allows)
+#   7. summary table
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -255,7 +256,55 @@ for dt in float32 bfloat16; do
     tail -n 22 "$LOGDIR/bench_ops_$dt.log" | cut -c1-200
 done
 
-# ---------------------------------------------------------------- 6. summary
+# ---------------------------------------------------------------- 6. compute-sanitizer
+# Small shapes through every kernel (rows / cols, vector / scalar, three dtypes,
+# shared table) under memcheck, and a tiny one under racecheck (the shared-
+# memory reductions). Skipped when the tool is missing or time is short.
+SAN_RC=skipped
+SANITIZER=$(command -v compute-sanitizer || true)
+if [ -z "$SANITIZER" ] && [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
+    SANITIZER=/usr/local/cuda/bin/compute-sanitizer
+fi
+cat > "$LOGDIR/sanitize_case.py" <<'PYEOF'
+import sys
+import torch
+import qvit.ops  # registers torch.ops.qvit
+fwd, bwd = torch.ops.qvit.fq_forward.default, torch.ops.qvit.fq_backward.default
+tiny = len(sys.argv) > 1 and sys.argv[1] == "tiny"
+cases = [((3, 4, 1100), 1, 4), ((300, 24), -1, 24), ((37, 3, 7), 1, 3), ((4099,), 0, 1),
+         ((1, 6, 40), 1, 6)] if not tiny else [((2, 3, 1030), 1, 3), ((64, 12), -1, 12)]
+for shape, dim, g in cases:
+    for dt in ((torch.float32, torch.bfloat16, torch.float16) if not tiny else (torch.float32,)):
+        for rows in ((1, g) if g > 1 else (1,)):
+            for off in (False, True):
+                x = torch.randn(shape, device="cuda").to(dt)
+                gy = torch.randn(shape, device="cuda").to(dt)
+                sc = torch.rand(rows, 7, device="cuda") + 0.05
+                b = torch.rand(g, device="cuda") * 7 + 1.6
+                o = torch.randn(rows, 7, device="cuda") * 0.1 if off else None
+                fwd(x, sc, b, o, dim, not off, 2, 8)
+                bwd(gy, x, sc, b, o, dim, not off, 2, 8, -1.0)
+                xm = torch.empty(x.numel() + 1, device="cuda", dtype=dt)[1:].view(shape).copy_(x)
+                fwd(xm, sc, b, o, dim, not off, 2, 8)  # misaligned: the scalar kernels
+                bwd(gy, xm, sc, b, o, dim, not off, 2, 8, -1.0)
+torch.cuda.synchronize()
+print("sanitizer cases done")
+PYEOF
+if [ -n "$SANITIZER" ] && [ $((SECONDS - T0)) -lt 330 ]; then
+    step "compute-sanitizer memcheck / racecheck"
+    timeout 120 "$SANITIZER" --tool memcheck --error-exitcode 3 "$PY" "$LOGDIR/sanitize_case.py" \
+        > "$LOGDIR/memcheck.log" 2>&1
+    SAN_RC=memcheck:$?
+    if [ $((SECONDS - T0)) -lt 390 ]; then
+        timeout 90 "$SANITIZER" --tool racecheck --error-exitcode 3 "$PY" "$LOGDIR/sanitize_case.py" tiny \
+            > "$LOGDIR/racecheck.log" 2>&1
+        SAN_RC="$SAN_RC racecheck:$?"
+    fi
+    echo "compute-sanitizer exit codes ($SAN_RC; 0 = clean, 3 = errors found, 124 = timeout)"
+    grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|Invalid|Race' "$LOGDIR/memcheck.log" "$LOGDIR/racecheck.log" 2>/dev/null | head -10
+fi
+
+# ---------------------------------------------------------------- 7. summary
 step "summary"
 "$PY" - "$LOGDIR" > "$LOGDIR/summary.txt" 2>&1 <<'PYEOF'
 import json, os, re, sys
@@ -331,6 +380,7 @@ for dt in ("float32", "bfloat16"):
             lines.append(f"  {dt} {r[0]} {r[1]}: {r[3]} {r[4]} ms (qvit faster by {r[7]})")
 print("\n".join(lines))
 PYEOF
+echo "compute-sanitizer: $SAN_RC (0 = clean, 3 = errors, 124 = timeout)" >> "$LOGDIR/summary.txt"
 cat "$LOGDIR/summary.txt"
 echo "total $((SECONDS - T0)) s"
 copy_logs
