@@ -189,8 +189,15 @@ static void *view_data(const tview *v)
     return v->t.data ? (char *)v->t.data + v->t.byte_offset : NULL;
 }
 
+/* Callers have passed check_extent (sizes >= 0, product within int64); an
+ * empty tensor is 0 before any product of the other, possibly huge, sizes. */
 static int64_t view_numel(const tview *v)
 {
+    for (int i = 0; i < v->t.ndim; i++) {
+        if (v->t.shape[i] == 0) {
+            return 0;
+        }
+    }
     int64_t n = 1;
     for (int i = 0; i < v->t.ndim; i++) {
         n *= v->t.shape[i];
@@ -528,13 +535,20 @@ static int fill_layout(qvit_fq_params *p, const tview *x, const tview *scale, co
                          (long long)G);
             return -1;
         }
-        outer = 1;
-        for (int i = 0; i < d; i++) {
-            outer *= x->t.shape[i];
-        }
-        inner = size / G;
-        for (int i = d + 1; i < nd; i++) {
-            inner *= x->t.shape[i];
+        if (numel == 0) {
+            /* nothing to index; the other sizes may be huge and their partial
+             * products overflow int64 (a raw capsule [0, 2^40, 2^40]) */
+            outer = 0;
+            inner = 0;
+        } else {
+            outer = 1;
+            for (int i = 0; i < d; i++) {
+                outer *= x->t.shape[i];
+            }
+            inner = size / G;
+            for (int i = d + 1; i < nd; i++) {
+                inner *= x->t.shape[i];
+            }
         }
     }
     p->outer = outer;
