@@ -63,6 +63,10 @@ fi
 
 libasan="$(${CC:-gcc} -print-file-name=libasan.so)"
 libubsan="$(${CC:-gcc} -print-file-name=libubsan.so)"
+# libstdc++ next to libasan: CPython does not link it, and without it ASan's
+# __cxa_throw interceptor finds no real function and aborts the first time
+# torch throws a C++ exception (e.g. a meta tensor refused by DLPack).
+libstdcxx="$(${CC:-gcc} -print-file-name=libstdc++.so)"
 if [ ! -e "$libasan" ]; then
     echo "qvit-san: libasan.so not found (gcc -print-file-name=libasan.so)" >&2
     exit 1
@@ -113,7 +117,7 @@ set +e
     # checkout's editable install. `pytest`, not `python -m pytest`: the latter
     # would put the caller's working directory on sys.path.
     export PYTHONPATH="$src${PYTHONPATH:+:$PYTHONPATH}"
-    export LD_PRELOAD="$libasan${libubsan:+:$libubsan}"
+    export LD_PRELOAD="$libasan:$libubsan:$libstdcxx"
     export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_odr_violation=0:allocator_may_return_null=1:print_summary=1"
     export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:report_error_type=1"
     # Slow-marked tests (e.g. the > 2^31-element one) and torch.compile are
