@@ -15,7 +15,7 @@ import re
 import statistics
 import subprocess
 import time
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -82,14 +82,24 @@ def rotation_count(bytes_per_set: int, *, cache_bytes: int, cap: int = 64) -> in
     return max(2, min(cap, math.ceil(2 * cache_bytes / max(1, bytes_per_set))))
 
 
-def time_cpu(fn: Callable[[], None], *, warmup: int, repeats: int) -> List[float]:
+def time_cpu(fn: Callable[[], None], *, warmup: int, repeats: int,
+             cpu_times: Optional[List[float]] = None) -> List[float]:
+    """Wall times; with ``cpu_times`` also the process CPU time of each repeat.
+
+    CPU time (all threads of this process) does not count time slices lost to
+    other processes, so on a loaded machine it is the steadier number; with
+    more than one thread it also counts OpenMP threads spinning at barriers.
+    """
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        c0 = time.process_time()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+        if cpu_times is not None:
+            cpu_times.append(time.process_time() - c0)
     return times
 
 
