@@ -400,3 +400,14 @@ def test_other_bit_ranges(impl, signed, br):
     x = tie_free_input(shape, dim, scale, bits_t, offset, signed=signed, bits_range=br, seed=42)
     gy = torch.randn(shape, generator=torch.Generator().manual_seed(43))
     compare(impl, x, scale, bits_t, offset, gy, signed=signed, dim=dim, bits_range=br)
+
+
+def test_capsule_path_for_torch_without_exchange_api(kernel, monkeypatch):
+    """Older torch has no DLPack C exchange API: tensors go in as to_dlpack capsules."""
+    monkeypatch.setattr(ops, "_to_c", torch.utils.dlpack.to_dlpack)
+    monkeypatch.setattr(ops, "_EXCHANGE_API", None)
+    shape, dim, g = LAYOUTS["per_head_act"]
+    scale, bits, offset = make_params(g, scale_rows=g, offset=True, seed=51)
+    x = tie_free_input(shape, dim, scale, bits, offset, signed=False, seed=52)
+    gy = torch.randn(shape, generator=torch.Generator().manual_seed(53))
+    compare(kernel, x, scale, bits, offset, gy, signed=False, dim=dim)
