@@ -452,6 +452,12 @@ def test_emulated_edge_cases(emulated):
         got = emulated.run(x, scale, bits, None, gy, signed=True, dim=dim, grad_scale=gsc)
         _check_against_reference(list(got), x, scale, bits, None, gy, grad_scale=gsc,
                                  signed=True, dim=dim, bits_range=(2, 8))
+    for signed, br, rows in ((True, (3, 6), 1), (False, (1, 4), 6), (False, (5, 5), 6)):
+        scale, bits, offset = make_params(6, scale_rows=rows, bits_range=br, offset=not signed)
+        x = tie_free_input(shape, dim, scale, bits, offset, signed=signed, bits_range=br)
+        got = emulated.run(x, scale, bits, offset, gy, signed=signed, dim=dim, bits_range=br)
+        _check_against_reference(list(got), x, scale, bits, offset, gy, signed=signed, dim=dim,
+                                 bits_range=br)
     scale, bits, _ = make_params(3, scale_rows=3, bits=[4, 4, 4])
     bits[1] = float("nan")
     scale[2, 4 - 2] = -0.5
