@@ -108,8 +108,7 @@ def test_export_cli_roundtrip(qat_run, tmp_path, capsys):
 
 
 def _state(path):
-    ck = ckpt_io.load(path)
-    return ck
+    return ckpt_io.load(path)
 
 
 def test_resume_is_exact(data, tmp_path):
@@ -140,8 +139,6 @@ def test_resume_is_exact(data, tmp_path):
     # the CSV of the resumed run has each epoch once
     with open(os.path.join(part, "summary.csv")) as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["0", "1"]
-    # and the run really trained: weights moved away from the float init
-    assert a["scheduler"]["last_epoch"] == 2 if "last_epoch" in a["scheduler"] else True
 
 
 def test_float_then_qat_with_distillation(data, tmp_path):
