@@ -108,8 +108,37 @@ if WITH_CUDA:
                     if os.path.isdir(d)]
 
 
+# Objects of different configurations never mix: setuptools reuses an object
+# (and skips relinking) when the sources are older, whatever the macros were.
+# Each configuration gets its own temp folder, and a configuration change
+# since the last build forces a full rebuild.
+CONFIG_TAG = "-".join(filter(None, [
+    "cuda" + "_".join(ARCHS) if WITH_CUDA else "cpu",
+    ("san_" + SANITIZE.replace(",", "_")) if SANITIZE else "",
+    ("march_" + os.environ["QVIT_MARCH"]) if os.environ.get("QVIT_MARCH") else "",
+]))
+
+
 class BuildExt(build_ext):
     """Compiles csrc/*.cu with nvcc into objects linked into the same extension."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self._stamp = os.path.join(self.build_temp, "qvit-config")
+        self.build_temp = os.path.join(self.build_temp, CONFIG_TAG)
+        try:
+            with open(self._stamp) as f:
+                last = f.read().strip()
+        except OSError:
+            last = None
+        if last != CONFIG_TAG:
+            self.force = True
+
+    def run(self):
+        super().run()
+        os.makedirs(os.path.dirname(self._stamp), exist_ok=True)
+        with open(self._stamp, "w") as f:
+            f.write(CONFIG_TAG + "\n")
 
     def build_extension(self, ext):
         cu = [s for s in ext.sources if s.endswith(".cu")]

@@ -953,6 +953,10 @@ static PyObject *fq_backward(PyObject *module, PyObject *args, PyObject *kwargs)
     if (is_cuda) {
 #ifdef QVIT_WITH_CUDA
         int64_t need = qvit_fq_cuda_workspace_bytes(&p);
+        if (need < 0) {
+            raise_status(st, QVIT_ERR_CUDA, 1);
+            goto done;
+        }
         if (need > 0) {
             if (!optional_arg(ows)) {
                 PyErr_Format(PyExc_ValueError, "qvit: workspace is required on CUDA: a uint8 "
@@ -1026,7 +1030,6 @@ PyDoc_STRVAR(fq_workspace_bytes_doc,
 
 static PyObject *fq_workspace_bytes(PyObject *module, PyObject *args)
 {
-    (void)module;
     long long outer, groups, inner;
     int device;
     if (!PyArg_ParseTuple(args, "LLLi:fq_workspace_bytes", &outer, &groups, &inner, &device)) {
@@ -1050,7 +1053,14 @@ static PyObject *fq_workspace_bytes(PyObject *module, PyObject *args)
     p.inner = inner;
     p.scale_groups = 1;
     p.device = device;
-    return PyLong_FromLongLong((long long)qvit_fq_cuda_workspace_bytes(&p));
+    int64_t bytes = qvit_fq_cuda_workspace_bytes(&p);
+    if (bytes < 0) {
+        /* the device could not be queried (no driver, bad ordinal) */
+        PyErr_Format(get_state(module)->KernelError, "qvit: fq_workspace_bytes on CUDA device "
+                     "%d: %s", device, qvit_cuda_last_error());
+        return NULL;
+    }
+    return PyLong_FromLongLong((long long)bytes);
 #else
     return PyLong_FromLong(0);
 #endif
