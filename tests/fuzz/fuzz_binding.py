@@ -961,16 +961,16 @@ def _rss_mb() -> float:
 
 
 def leak_check(calls: int, seed: int = 1, max_rss_mb: float = 8.0,
-               max_traced_kb: float = 256.0) -> bool:
+               max_traced_kb: float = 256.0, max_numel: int = 4096) -> bool:
     """Run a fixed mix of cases `calls` times after a warm-up; RSS / tracemalloc must not grow."""
     import tracemalloc
     rng = random.Random(seed)
     mix = []
     while len(mix) < 60:
         s = gen_spec(Source(rng=rng))
-        if math.prod(s["shape"]) <= 4096 and s["entry"] != "op":
+        if math.prod(s["shape"]) <= max_numel and s["entry"] != "op":
             mix.append(s)
-    for s in mix * 3:  # warm-up: caches, allocator pools, lazy imports
+    for s in mix * 2:  # warm-up: caches, allocator pools, lazy imports
         try:
             run_spec(s)
         except OracleError:
