@@ -186,6 +186,9 @@ class Quantizer(nn.Module):
         self._observing = False
         self._samples: List[Tensor] = []
         self.last_numel = 0
+        # Python mirror of the `initialized` buffer, so the forward needs no
+        # tensor-to-bool read (no host sync, no graph break under torch.compile)
+        self._is_init = False
 
     # ----------------------------------------------------------------- state
     @property
@@ -274,6 +277,11 @@ class Quantizer(nn.Module):
                 self.offset[:, j].copy_(beta.to(self.offset.dtype))
         self.scale_floor.copy_((self.scale * 1e-4).clamp_min(1e-8))
         self.initialized.fill_(True)
+        self._is_init = True
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._is_init = bool(self.initialized)
 
     # ------------------------------------------------------------ calibration
     def start_observing(self) -> None:
@@ -299,7 +307,7 @@ class Quantizer(nn.Module):
         if self._observing:
             self._samples.append(self._grouped(x))
             return False
-        if not bool(self.initialized):
+        if not self._is_init:
             self.init_from(x)
         return True
 

@@ -218,3 +218,16 @@ def test_skip_and_bad_input():
         calibrate(model, [])
     with pytest.raises(ValueError, match="no quantizers"):
         calibrate(make("deit")[0], [x])
+
+
+def test_compiles_without_graph_breaks():
+    model, x = make("deit")
+    quantize_model(model, preset("qvit_mixed"))
+    calibrate(model, [x])
+    with torch.no_grad():
+        ref = model(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        out = compiled(x)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)

@@ -19,6 +19,11 @@ from qvit.quantizer import Quantizer, fused_fake_quant, mse_fit
 pytestmark = pytest.mark.filterwarnings("ignore:qvit._C is not available")
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
 # ----------------------------------------------------------------- config
 @pytest.mark.parametrize("kwargs, field", [
     (dict(bits=9), "bits"),
@@ -131,13 +136,13 @@ def test_every_table_entry_fitted_for_its_bits():
 def test_channel_groups_fit_per_row():
     cfg = QuantizerConfig(bits=4, granularity="channel")
     q = Quantizer(cfg, groups=4, dim=0, role="weight")
-    w = torch.randn(4, 256) * torch.tensor([[1.0], [10.0], [0.1], [3.0]])
+    w = torch.randn(4, 4096, generator=torch.Generator().manual_seed(0)) * torch.tensor([[1.0], [10.0], [0.1], [3.0]])
     q.init_from(w)
     for r in range(4):  # each row's table is that row's own fit
         s, _ = mse_fit(w[r:r + 1], 4, True, False)
         assert float(q.scale.detach()[r, 2]) == pytest.approx(float(s), rel=1e-6)
     ratio = q.scale.detach()[:, 2] / q.scale.detach()[0, 2]
-    torch.testing.assert_close(ratio, torch.tensor([1.0, 10.0, 0.1, 3.0]), rtol=0.3, atol=0)
+    torch.testing.assert_close(ratio, torch.tensor([1.0, 10.0, 0.1, 3.0]), rtol=0.1, atol=0)
     shared = Quantizer(cfg.replace(shared_scale=True), groups=4, dim=0)
     shared.init_from(w)
     assert shared.scale.shape == (1, 7)
