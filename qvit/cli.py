@@ -72,7 +72,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--model", default="deit_tiny_patch16_224")
     m.add_argument("--pretrained", action="store_true",
                    help="timm's pretrained weights (needs the hub)")
-    m.add_argument("--initial-checkpoint", default="", help="local float checkpoint")
+    m.add_argument("--pretrained-path", default="",
+                   help="local weights through timm's pretrained loading (head adapted)")
+    m.add_argument("--initial-checkpoint", default="",
+                   help="local float checkpoint (timm load_checkpoint semantics: strict)")
     m.add_argument("--num-classes", type=int, default=None)
     m.add_argument("--drop-path", type=float, default=None)
     m.add_argument("--model-kwargs", nargs="*", type=_kv, default=[],

@@ -45,15 +45,33 @@ def model_kwargs(args) -> Dict[str, Any]:
     return kw
 
 
-def create_model(name: str, kwargs: Dict[str, Any], pretrained: bool = False):
+def create_model(name: str, kwargs: Dict[str, Any], pretrained: bool = False,
+                 pretrained_path: str = ""):
+    """``timm.create_model`` (never the network unless ``pretrained`` without a path).
+
+    ``pretrained_path``: a local file through timm's pretrained loading (its
+    checkpoint filter and classifier adaptation), like timm's ``--pretrained-path``.
+    """
     import timm
 
     if not timm.is_model(name):
         raise UsageError(f"unknown model {name!r} (see timm.list_models())")
+    extra: Dict[str, Any] = {}
+    if pretrained_path:
+        if not os.path.isfile(pretrained_path):
+            raise ckpt_io.CheckpointError(f"checkpoint {pretrained_path!r} does not exist")
+        pretrained = True
+        extra["pretrained_cfg_overlay"] = dict(file=pretrained_path, num_classes=-1)
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        return timm.create_model(name, pretrained=pretrained, **extra, **kwargs)
     except TypeError as e:
         raise UsageError(f"model {name!r} does not accept these arguments: {e}") from None
+    except (RuntimeError, OSError, ValueError, KeyError) as e:
+        if not pretrained:
+            raise
+        msg = str(e).strip().splitlines()
+        raise ckpt_io.CheckpointError(f"pretrained weights for {name!r} could not be loaded: "
+                                      f"{msg[0] if msg else type(e).__name__}") from None
 
 
 def quant_spec(args) -> Optional[Dict[str, Any]]:
@@ -423,7 +441,8 @@ def _train(args, dinfo) -> Dict[str, Any]:
     # --------------------------------------------------------------- model
     kwargs = model_kwargs(args)
     model_info = {"name": args.model, "kwargs": kwargs}
-    model = create_model(args.model, kwargs, pretrained=args.pretrained)
+    model = create_model(args.model, kwargs, pretrained=args.pretrained,
+                         pretrained_path=args.pretrained_path)
     if args.initial_checkpoint:
         init = ckpt_io.load(args.initial_checkpoint)
         state = ckpt_io.model_state(init)

@@ -156,7 +156,7 @@ def test_float_then_qat_with_distillation(data, tmp_path):
     assert torch.equal(m.head.weight, fck["state_dict"]["head.weight"])
     assert main(["train", data, *TINY, "--quant", "uniform_w3a3", "--epochs", "1",
                  "--initial-checkpoint", os.path.join(f_out, "last.pth"), "--distill",
-                 "--output", q_out]) == 0
+                 "--amp", "--amp-dtype", "bfloat16", "--output", q_out]) == 0
     qck = ckpt_io.load(os.path.join(q_out, "last.pth"))
     bits = [v for k, v in qck["state_dict"].items() if k.endswith(".bits")]
     # uniform W3A3: fixed bits, 3 everywhere but the 8-bit first/last layers
@@ -219,6 +219,7 @@ BAD_TRAIN = [
     ("corrupt_ckpt", lambda f, d: [d, "--initial-checkpoint", f["corrupt"]], "corrupt"),
     ("truncated_resume", lambda f, d: [d, "--resume", f["truncated"]], "corrupt"),
     ("missing_ckpt", lambda f, d: [d, "--resume", f["missing"]], "does not exist"),
+    ("missing_pretrained", lambda f, d: [d, "--pretrained-path", f["missing"]], "does not exist"),
     ("bits_low", lambda f, d: [d, "--target-bits", "1"], "--target-bits"),
     ("bits_high", lambda f, d: [d, "--target-bits", "9"], "--target-bits"),
     ("budget_negative", lambda f, d: [d, "--budget-gbitops", "-1"], "--budget-gbitops"),
