@@ -307,7 +307,7 @@ P = 1021  # period of the input pattern: prime, so 2^32 mod P != 0
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(_mem_available_gib() < 13, reason="needs ~9 GiB free memory (fp16 x and y "
+@pytest.mark.skipif(_mem_available_gib() < 10.5, reason="needs ~9 GiB free memory (fp16 x and y "
                     "of 2^31+ elements)")
 def test_more_than_2_31_elements_fp16():
     """fp16 x of 4 groups x 2^29+ elements (2^31 + 4*P*k total, 4.3 GB): forward
@@ -316,7 +316,9 @@ def test_more_than_2_31_elements_fp16():
     scale / offset, so an index that wrapped at 2^31 (or 2^32 bytes) would read
     another group's parameters or another phase of the pattern. The groups of
     the per-group sums hold 2^29+ elements each; the per-tensor case (one group
-    of > 2^31 elements) runs on the same buffers."""
+    of > 2^31 elements) runs on the same buffers. Cost: peak RSS ~9.1 GB and
+    ~60-70 s of CPU time (4 kernel passes and 4 bitwise compares over 2^31
+    elements): about 40 s on an idle 2-core machine; slow-marked."""
     m = (2**29) // P + 1                                  # periods per group
     inner = m * P                                         # > 2^29: 4 groups > 2^31
     n = 4 * inner
@@ -333,7 +335,9 @@ def test_more_than_2_31_elements_fp16():
     chunk = 8192  # periods per comparison chunk
 
     def check(out, table, g):
-        rows = out.view(4, m, P)[g]
+        # bitwise, as int16 (twice as fast as an fp16 compare)
+        rows = out.view(torch.int16).view(4, m, P)[g]
+        table = table.view(torch.int16)
         for r0 in range(0, m, chunk):
             blk = rows[r0:r0 + chunk]
             assert torch.equal(blk, table.expand_as(blk)), (g, r0)
@@ -352,7 +356,7 @@ def test_more_than_2_31_elements_fp16():
                        gs, gb, go, dim=0, **KW)
         want_s, want_b, want_o = torch.zeros(sc.shape, dtype=torch.float64), [], \
             torch.zeros(sc.shape, dtype=torch.float64)
-        for g in range(4):
+        for g in range(4):  # grad_x (written over y) against the pattern's closed form
             gi = g if G == 4 else 0
             pg = reference.fake_quant_backward(pattern, pattern, sc[gi:gi + 1], bt[gi:gi + 1],
                                                of[gi:gi + 1], signed=True, grad_scale=1.0)

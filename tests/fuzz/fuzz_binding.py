@@ -309,6 +309,44 @@ def gen_spec(src: Source) -> Dict[str, Any]:
     return spec
 
 
+def base_spec(entry="fwd", shape=(4, 6), groups=1, dim=0, dtype="float32", kind="torch",
+              offset=False, signed=True, bits_range=(2, 8), seed=0, **over) -> Dict[str, Any]:
+    """A valid spec to edit by hand (corpus regressions); `over` replaces fields.
+    Set ``tensors[arg]["mods"]`` through :func:`with_mods` so faults are recorded."""
+    bmin, bmax = bits_range
+    spec: Dict[str, Any] = {
+        "entry": entry, "seed": seed, "faults": [], "dtype": dtype,
+        "param_dtype": "float64" if dtype == "float64" else "float32", "shape": list(shape),
+        "groups": groups, "dim": dim, "signed": signed, "bits_min": bmin, "bits_max": bmax,
+        "scale_rows": 1, "K": bmax - bmin + 1, "offset": offset, "x_amp": 0.3,
+        "x_special": [], "gy_amp": 1.0, "gy_special": [], "scale_special": [],
+        "bits_special": [], "offset_special": [], "x_kind": kind,
+    }
+    args = ["x", "scale", "bits"] + (["offset"] if offset else [])
+    outs = {"fwd": ["y"], "bwd": ["grad_x", "grad_scale", "grad_bits"]
+            + (["grad_offset"] if offset else []), "op": []}[entry]
+    if entry == "bwd":
+        args = ["grad_y"] + args
+    spec["tensors"] = {a: {"kind": kind, "mods": {}} for a in args + outs}
+    spec["kw"] = ({"grad_scale": None} if entry == "op" else
+                  {"num_threads": 0, **({"lsq_grad_scale": -1.0} if entry == "bwd" else {})})
+    if entry == "op":
+        spec["requires_grad"] = [True] * 4
+    spec.update(over)
+    return spec
+
+
+def with_mods(spec, arg, *mods, kind=None):
+    """Give tensor `arg` the layout mutations `mods` (and record their faults)."""
+    t = spec["tensors"][arg]
+    if kind is not None:
+        t["kind"] = kind
+    t["mods"] = {m: True for m in mods}
+    out = arg in ("y", "grad_x", "grad_scale", "grad_bits", "grad_offset")
+    _classify_mods(spec, arg, t, out)
+    return spec
+
+
 def _classify_mods(spec, a, t, out):
     mods = t["mods"]
     entry = spec["entry"]
