@@ -32,7 +32,10 @@ enum {
     QVIT_COL_BLOCK = 4096,       /* max columns of a "rows" chunk */
     QVIT_PAR_MIN = 32768,        /* fewer elements: one thread */
     QVIT_LANES = 16,             /* accumulator lanes of the segment backward */
-    QVIT_MIN_ROWS = 16           /* min rows of a "rows" chunk */
+    QVIT_MIN_ROWS = 16,          /* min rows of a "rows" chunk */
+    QVIT_FLUSH = 64              /* terms a math-type (fp32) partial sum adds before it is
+                                  * added to a double: bounds the rounding error of the
+                                  * fp32 sums to ~64 eps of the sum of |terms| */
 };
 /* Bound on (number of chunks) x G of the backward partials (doubles x 3). */
 #define QVIT_PARTIAL_BUDGET ((int64_t)1 << 18)
@@ -470,6 +473,13 @@ qvit_status qvit_fq_forward_cpu(const qvit_fq_params *p)
 /* ------------------------------------------------------------------------ */
 /* Backward */
 
+/* Per-thread scratch of the "rows" backward: double column sums [3][cols]
+ * and math-type column sums [3][cols] of the current slice of rows. */
+static size_t rows_scratch_bytes(const rows_plan *rp, const loops *lp)
+{
+    return (size_t)3 * (size_t)rp->cols * (sizeof(double) + lp->asize);
+}
+
 /* part: [nchunks][G][3] doubles, zeroed; chunk c adds its segments' sums. */
 static void backward_segments(const qvit_fq_params *p, const loops *lp, const void *groups,
                               double *part, int64_t len, int64_t nchunks)
@@ -509,7 +519,7 @@ static void backward_rows(const qvit_fq_params *p, const loops *lp, const void *
     const char *x = (const char *)p->x;
     const char *u = (const char *)p->grad_y;
     char *gx = (char *)p->grad_x;
-    const size_t acc_bytes = (size_t)3 * (size_t)rp->cols * lp->asize;
+    const size_t acc_bytes = rows_scratch_bytes(rp, lp);
 
 #pragma omp parallel num_threads(nt)
     {
@@ -518,6 +528,8 @@ static void backward_rows(const qvit_fq_params *p, const loops *lp, const void *
 #else
         char *mine = acc;
 #endif
+        double *dacc = (double *)mine;  /* [3][cols] */
+        char *facc = mine + (size_t)3 * (size_t)rp->cols * sizeof(double);
 #pragma omp for schedule(static)
         for (int64_t c = 0; c < nchunks; c++) {
             int64_t rb = c / rp->nb_cols, cb = c % rp->nb_cols;
@@ -530,20 +542,40 @@ static void backward_rows(const qvit_fq_params *p, const loops *lp, const void *
                 pv[f] = (const char *)prm + ((size_t)f * (size_t)rp->width + (size_t)j0) * lp->asize;
             }
             for (int f = 0; f < 3; f++) {
-                av[f] = mine + (size_t)f * (size_t)w * lp->asize;
+                av[f] = facc + (size_t)f * (size_t)w * lp->asize;
             }
-            memset(mine, 0, (size_t)3 * (size_t)w * lp->asize);
-            size_t off = ((size_t)r0 * (size_t)rp->width + (size_t)j0) * lp->xsize;
-            lp->bwd_rows(x + off, u + off, gx + off, nr, rp->width, w, pv, av);
+            memset(dacc, 0, (size_t)3 * (size_t)w * sizeof(double));
+            /* slices of QVIT_FLUSH rows sum in the math type, then fold into
+             * double: the error of a column sum stays that of QVIT_FLUSH terms */
+            for (int64_t s0 = 0; s0 < nr; s0 += QVIT_FLUSH) {
+                int64_t ns = nr - s0 < QVIT_FLUSH ? nr - s0 : QVIT_FLUSH;
+                size_t off = ((size_t)(r0 + s0) * (size_t)rp->width + (size_t)j0) * lp->xsize;
+                memset(facc, 0, (size_t)3 * (size_t)w * lp->asize);
+                lp->bwd_rows(x + off, u + off, gx + off, ns, rp->width, w, pv, av);
+                for (int f = 0; f < 3; f++) {
+                    double *d = dacc + (size_t)f * (size_t)w;
+                    if (lp->asize == sizeof(double)) {
+                        const double *a = (const double *)av[f];
+                        for (int64_t j = 0; j < w; j++) {
+                            d[j] += a[j];
+                        }
+                    } else {
+                        const float *a = (const float *)av[f];
+                        for (int64_t j = 0; j < w; j++) {
+                            d[j] += (double)a[j];
+                        }
+                    }
+                }
+            }
             /* columns -> groups, in column order (blocks hold whole groups) */
             double *pr = part + (size_t)rb * (size_t)p->groups * 3;
             const int64_t g0 = j0 / p->inner, ng = w / p->inner;
             for (int f = 0; f < 3; f++) {
+                const double *d = dacc + (size_t)f * (size_t)w;
                 for (int64_t gi = 0; gi < ng; gi++) {
                     double sum = 0.0;
                     for (int64_t i = gi * p->inner; i < (gi + 1) * p->inner; i++) {
-                        sum += lp->asize == sizeof(double) ? ((const double *)av[f])[i]
-                                                           : (double)((const float *)av[f])[i];
+                        sum += d[i];
                     }
                     pr[(g0 + gi) * 3 + f] += sum;
                 }
@@ -628,7 +660,7 @@ qvit_status qvit_fq_backward_cpu(const qvit_fq_params *p)
         nparts = rp.nb_rows;
         part = calloc((size_t)nparts * G * 3, sizeof(double));
         prm = malloc((size_t)4 * (size_t)rp.width * lp->asize);
-        acc = malloc((size_t)nt * 3 * (size_t)rp.cols * lp->asize);
+        acc = malloc((size_t)nt * rows_scratch_bytes(&rp, lp));
         if (!part || !prm || !acc) {
             goto done;
         }

@@ -74,7 +74,8 @@ QV_TARGET static void QV_NAME(fwd_rows)(const void *xv, void *yv, int64_t rows, 
 
 /* Adds the segment's sums (r, hi, lo) to out[0..2]. The segment is cut into
  * blocks of QVIT_LANES elements; lane l of every block adds into lane
- * accumulator l (math type), the lanes are added in order in double. */
+ * accumulator l (math type); every QVIT_FLUSH blocks the lanes are added in
+ * order into the double sums. */
 QV_TARGET static void QV_NAME(bwd_seg)(const void *xv, const void *uv, void *gxv, int64_t n,
                                        const void *gv, double out[3])
 {
@@ -82,28 +83,35 @@ QV_TARGET static void QV_NAME(bwd_seg)(const void *xv, const void *uv, void *gxv
     const QV_XT *u = (const QV_XT *)uv;
     QV_XT *gx = (QV_XT *)gxv;
     const QV_GT g = *(const QV_GT *)gv;
-    QV_AT ar[QVIT_LANES] = {0}, ah[QVIT_LANES] = {0}, al[QVIT_LANES] = {0};
     const int64_t nb = n / QVIT_LANES;
-    for (int64_t b = 0; b < nb; b++) {
-        const QV_XT *xb = x + b * QVIT_LANES;
-        const QV_XT *ub = u + b * QVIT_LANES;
-        QV_XT *gb = gx + b * QVIT_LANES;
+    for (int64_t b0 = 0; b0 < nb; b0 += QVIT_FLUSH) {
+        const int64_t b1 = nb - b0 < QVIT_FLUSH ? nb : b0 + QVIT_FLUSH;
+        QV_AT ar[QVIT_LANES] = {0}, ah[QVIT_LANES] = {0}, al[QVIT_LANES] = {0};
+        for (int64_t b = b0; b < b1; b++) {
+            const QV_XT *xb = x + b * QVIT_LANES;
+            const QV_XT *ub = u + b * QVIT_LANES;
+            QV_XT *gb = gx + b * QVIT_LANES;
+            for (int l = 0; l < QVIT_LANES; l++) {
+                QV_AT r = ar[l], hi = ah[l], lo = al[l];
+                gb[l] = QV_STORE(QV_BWD(QV_LOAD(xb[l]), QV_LOAD(ub[l]), g, &r, &hi, &lo));
+                ar[l] = r;
+                ah[l] = hi;
+                al[l] = lo;
+            }
+        }
         for (int l = 0; l < QVIT_LANES; l++) {
-            QV_AT r = ar[l], hi = ah[l], lo = al[l];
-            gb[l] = QV_STORE(QV_BWD(QV_LOAD(xb[l]), QV_LOAD(ub[l]), g, &r, &hi, &lo));
-            ar[l] = r;
-            ah[l] = hi;
-            al[l] = lo;
+            out[0] += (double)ar[l];
+            out[1] += (double)ah[l];
+            out[2] += (double)al[l];
         }
     }
+    QV_AT tr = 0, th = 0, tl = 0;
     for (int64_t i = nb * QVIT_LANES; i < n; i++) {
-        gx[i] = QV_STORE(QV_BWD(QV_LOAD(x[i]), QV_LOAD(u[i]), g, &ar[0], &ah[0], &al[0]));
+        gx[i] = QV_STORE(QV_BWD(QV_LOAD(x[i]), QV_LOAD(u[i]), g, &tr, &th, &tl));
     }
-    for (int l = 0; l < QVIT_LANES; l++) {
-        out[0] += (double)ar[l];
-        out[1] += (double)ah[l];
-        out[2] += (double)al[l];
-    }
+    out[0] += (double)tr;
+    out[1] += (double)th;
+    out[2] += (double)tl;
 }
 
 /* "rows" backward, four rows at a time: column j adds the rows in row order,
