@@ -64,14 +64,24 @@ def test_disabled_equals_timm(key):
     torch.testing.assert_close(out, ref_sdpa, atol=1e-5, rtol=1e-5)
 
 
+def test_import_qvit_does_not_import_timm():
+    import subprocess
+    import sys
+    code = ("import sys, qvit; qvit.preset; qvit.quantize_model; qvit.bitops; qvit.report; "
+            "qvit.budget_loss; qvit.calibrate; qvit.dequantize_model; assert 'timm' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_structure_is_recognised():
     model, x = make("swin")
+    weight = model.layers[0].blocks[0].mlp.fc1.weight
     quantize_model(model, preset("lsq_w4a4"))
     assert sum(isinstance(m, QWindowAttention) for m in model.modules()) == 5
     assert isinstance(model.patch_embed.proj, QConv2d) and model.patch_embed.proj.first_last
     assert isinstance(model.head.fc, QLinear) and model.head.fc.first_last
     assert isinstance(model.layers[1].downsample.reduction, QLinear)
     assert model.head.fc.weight_quant.bits.tolist() == [8.0]
+    assert model.layers[0].blocks[0].mlp.fc1.weight is weight  # same Parameter, not a copy
     model, _ = make("deit_distilled")
     quantize_model(model, preset("lsq_w4a4"))
     assert model.head.first_last and model.head_dist.first_last
