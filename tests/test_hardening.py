@@ -487,6 +487,8 @@ def test_op_passes_torch_thread_count(monkeypatch):
 # leaks
 # ---------------------------------------------------------------------------
 
+@pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
+                    reason="under ASan freed memory sits in the quarantine: RSS is no leak signal")
 def test_no_leak_over_many_calls():
     """RSS and tracemalloc stay flat over thousands of calls (valid and failing
     ones, NumPy / torch / raw capsules); input refcounts are checked per call."""

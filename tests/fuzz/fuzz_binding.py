@@ -555,7 +555,9 @@ def _contain(t: torch.Tensor, desc, name, holder: Holder, spec):
         for i in range(len(shape) - 1, -1, -1):
             strides[i] = acc
             acc *= shape[i]
-    if "negdim" in mods and shape:
+    if "negdim" in mods and not shape:
+        shape = [-1]
+    elif "negdim" in mods:
         shape[0] = -shape[0] if shape[0] else -1
         if len(shape) > 1:
             shape[1] = -shape[1] if shape[1] else -1
@@ -857,7 +859,11 @@ def run_spec(spec: Dict[str, Any]) -> str:
     L, holder, objs = build(spec)
     if spec["entry"] == "op":
         objs["_gy"] = L["grad_y"]
-    tracked = [o for k, o in objs.items() if o is not None and not k.startswith("_")]
+    # tensors only: shared objects (None, small ints, interned str) have
+    # refcounts that other code may move at any time
+    tracked = [o for k, o in objs.items() if not k.startswith("_")
+               and (isinstance(o, (torch.Tensor, np.ndarray))
+                    or type(o).__name__ == "PyCapsule")]
     ref0 = [sys.getrefcount(o) for o in tracked]
     faults = _faults_definite(spec, L) + _maybe_faults_real(spec, objs)
     result, grads, exc = None, None, None
@@ -971,6 +977,13 @@ def fuzz(seconds: float, cases: Optional[int], seed: int, save: Optional[str],
             faulthandler.cancel_dump_traceback_later()
         n += 1
         key = sig + "|" + ",".join(sorted({f["what"] for f in spec["faults"]}))
+        if sig.endswith(":ok"):  # valid cases: one per feature combination
+            t = spec["tensors"]
+            key += "|" + ",".join(str(v) for v in (
+                spec["dtype"], spec["groups"] > 1, spec["scale_rows"] > 1, spec["offset"],
+                spec["signed"], bool(spec["x_special"]), bool(spec["gy_special"]),
+                "-".join(sorted({d["kind"] for d in t.values()})),
+                "-".join(sorted({m for d in t.values() for m in d["mods"]}))))
         if key not in sigs:
             sigs[key] = 0
             if verbose:
