@@ -131,6 +131,7 @@ def report(model: nn.Module) -> Report:
             proj_w = getattr(m.proj, "weight_quant", None)
             row["qkv_w_bits"] = _bits(qkv_w)
             row["proj_w_bits"] = _bits(proj_w)
+            row["proj_a_bits"] = _bits(getattr(m.proj, "act_quant", None))
             rows.append(row)
     if not rows:
         raise ValueError("model has no quantized layers; call quantize_model first")
@@ -145,7 +146,7 @@ def report(model: nn.Module) -> Report:
 
 
 def _head_matrix(rep: Report):
-    """Per attention layer and head: mean of the head's q, k, v, A and W_q/W_k/W_v bits."""
+    """Per attention layer and head: mean of the head's q, k, v, A, A·V and weight bits."""
     attn = [r for r in rep.rows if r["kind"] == "attention"]
     width = max((r["heads"] for r in attn), default=0)
     mat = []
@@ -154,7 +155,7 @@ def _head_matrix(rep: Report):
         cols = []
         for i in range(h):
             vals = []
-            for key in ("q_bits", "k_bits", "v_bits", "probs_bits"):
+            for key in ("q_bits", "k_bits", "v_bits", "probs_bits", "proj_a_bits", "proj_w_bits"):
                 b = r.get(key)
                 if b:
                     vals.append(b[i * len(b) // h] if len(b) > 1 else b[0])
@@ -199,7 +200,8 @@ def plot_bits(model_or_report: Union[nn.Module, Report], path) -> str:
         ax.set_yticks(range(len(names)))
         ax.set_yticklabels(names, fontsize=6)
         ax.set_xlabel("head")
-        ax.set_title("per-head bits (mean of q, k, v, softmax, W_q/W_k/W_v rows)")
+        ax.set_xticks(range(max(len(r) for r in heads)))
+        ax.set_title("per-head bits (mean of q, k, v, softmax, A·V; W_qkv rows, W_proj columns)")
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(str(path), dpi=100)

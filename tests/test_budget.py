@@ -135,7 +135,7 @@ def test_report_rows_table_and_plot(tmp_path):
     layers = {r["layer"]: r for r in rep.rows}
     assert layers["blocks.0.attn"]["q_bits"] == [2, 5, 8]
     assert layers["head"]["w_bits"] == [8] and layers["head"]["first_last"]
-    assert rep.totals["gbitops"] == pytest.approx(float(bitops(model)) / 1e9, rel=1e-6)
+    assert rep.totals["gbitops"] == pytest.approx(float(bitops(model).detach()) / 1e9, rel=1e-6)
     assert sum(layers["blocks.0.attn"]["head_gbitops"]) == pytest.approx(layers["blocks.0.attn"]["gbitops"], rel=1e-6)
     json.dumps(rep.to_dict())
     text = rep.table()
