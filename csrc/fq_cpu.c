@@ -281,23 +281,6 @@ static void decode_groups(const qvit_fq_params *p, void *out)
     }
 }
 
-/* Expands the group structs to four R-vectors (s, beta, qn, qp), R = G*inner:
- * the parameters of the "rows" loops. prm is one block of 4*R math-type values. */
-static void expand_groups(const qvit_fq_params *p, const loops *lp, const void *groups,
-                          void *prm)
-{
-    int64_t r = p->groups * p->inner;
-    for (int64_t g = 0; g < p->groups; g++) {
-        const char *gs = (const char *)groups + (size_t)g * lp->gsize;
-        for (int f = 0; f < 4; f++) {
-            char *dst = (char *)prm + ((size_t)f * (size_t)r + (size_t)(g * p->inner)) * lp->asize;
-            for (int64_t i = 0; i < p->inner; i++) {
-                memcpy(dst + (size_t)i * lp->asize, gs + (size_t)f * lp->asize, lp->asize);
-            }
-        }
-    }
-}
-
 /* ------------------------------------------------------------------------ */
 /* Chunking (shape only) */
 
@@ -379,59 +362,126 @@ static rows_plan plan_rows(const qvit_fq_params *p, int bounded)
     return rp;
 }
 
+/* Small inner with several groups: the "rows" loops. One group (per-tensor)
+ * is always one long segment. */
 static int use_rows(const qvit_fq_params *p)
 {
-    return p->inner <= QVIT_SMALL_INNER;
+    return p->groups > 1 && p->inner <= QVIT_SMALL_INNER;
+}
+
+
+/* Expands the group structs to four R-vectors (s, beta, qn, qp), R = G*inner:
+ * the parameters of the "rows" loops. prm holds 4*R math-type values. */
+static void expand_groups(const qvit_fq_params *p, const void *groups, void *prm)
+{
+    const int64_t r = p->groups * p->inner;
+    if (p->param_dtype == QVIT_F64) {
+        const qvit_group_f64 *gs = (const qvit_group_f64 *)groups;
+        double *v = (double *)prm;
+        for (int64_t g = 0; g < p->groups; g++) {
+            for (int64_t i = g * p->inner; i < (g + 1) * p->inner; i++) {
+                v[i] = gs[g].s;
+                v[r + i] = gs[g].beta;
+                v[2 * r + i] = gs[g].qn;
+                v[3 * r + i] = gs[g].qp;
+            }
+        }
+    } else {
+        const qvit_group_f32 *gs = (const qvit_group_f32 *)groups;
+        float *v = (float *)prm;
+        for (int64_t g = 0; g < p->groups; g++) {
+            for (int64_t i = g * p->inner; i < (g + 1) * p->inner; i++) {
+                v[i] = gs[g].s;
+                v[r + i] = gs[g].beta;
+                v[2 * r + i] = gs[g].qn;
+                v[3 * r + i] = gs[g].qp;
+            }
+        }
+    }
+}
+
+/* One allocation per call, carved into 64-byte aligned pieces. */
+typedef struct arena {
+    size_t used;
+    char *base;
+} arena;
+
+static size_t arena_take(arena *a, size_t bytes)
+{
+    size_t at = a->used;
+    a->used += (bytes + 63) & ~(size_t)63;
+    return at;
 }
 
 /* ------------------------------------------------------------------------ */
 /* Forward */
 
-static void forward_segments(const qvit_fq_params *p, const loops *lp, const void *groups)
+static void forward_segment_chunk(const qvit_fq_params *p, const loops *lp, const void *groups,
+                                  int64_t len, int64_t c)
 {
     const int64_t n = numel_of(p);
-    const int64_t len = seg_chunk_len(p, 0);
-    const int64_t nchunks = ceil_div(n, len);
-    const int nt = team_size(p, nchunks);
-    const char *x = (const char *)p->x;
-    char *y = (char *)p->y;
-
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t c = 0; c < nchunks; c++) {
-        int64_t f = c * len;
-        int64_t end = f + len < n ? f + len : n;
-        while (f < end) {
-            int64_t row = f / p->inner;
-            int64_t g = row % p->groups;
-            int64_t seg_end = (row + 1) * p->inner;
-            int64_t m = (seg_end < end ? seg_end : end) - f;
-            lp->fwd_seg(x + (size_t)f * lp->xsize, y + (size_t)f * lp->xsize, m,
-                        (const char *)groups + (size_t)g * lp->gsize);
-            f += m;
-        }
+    int64_t f = c * len;
+    const int64_t end = f + len < n ? f + len : n;
+    while (f < end) {
+        const int64_t row = f / p->inner;
+        const int64_t g = row % p->groups;
+        const int64_t seg_end = (row + 1) * p->inner;
+        const int64_t m = (seg_end < end ? seg_end : end) - f;
+        const size_t off = (size_t)f * lp->xsize;
+        lp->fwd_seg((const char *)p->x + off, (char *)p->y + off, m,
+                    (const char *)groups + (size_t)g * lp->gsize);
+        f += m;
     }
 }
 
-static void forward_rows(const qvit_fq_params *p, const loops *lp, const void *prm)
+static void forward_rows_chunk(const qvit_fq_params *p, const loops *lp, const void *prm,
+                               const rows_plan *rp, int64_t c)
 {
-    const rows_plan rp = plan_rows(p, 0);
-    const int64_t nchunks = rp.nb_rows * rp.nb_cols;
-    const int nt = team_size(p, nchunks);
-    const char *x = (const char *)p->x;
-    char *y = (char *)p->y;
+    const int64_t rb = c / rp->nb_cols, cb = c % rp->nb_cols;
+    const int64_t r0 = rb * rp->rows, j0 = cb * rp->cols;
+    const int64_t nr = (r0 + rp->rows < p->outer ? r0 + rp->rows : p->outer) - r0;
+    const int64_t w = (j0 + rp->cols < rp->width ? j0 + rp->cols : rp->width) - j0;
+    const void *pv[4];
+    for (int f = 0; f < 4; f++) {
+        pv[f] = (const char *)prm + ((size_t)f * (size_t)rp->width + (size_t)j0) * lp->asize;
+    }
+    const size_t off = ((size_t)r0 * (size_t)rp->width + (size_t)j0) * lp->xsize;
+    lp->fwd_rows((const char *)p->x + off, (char *)p->y + off, nr, rp->width, w, pv);
+}
 
+/* The chunk loops run without an OpenMP region when one thread does the
+ * work: entering even a one-thread region costs about a microsecond. */
+static void forward_run(const qvit_fq_params *p, const loops *lp, const void *groups,
+                        const void *prm)
+{
+    if (use_rows(p)) {
+        const rows_plan rp = plan_rows(p, 0);
+        const int64_t nchunks = rp.nb_rows * rp.nb_cols;
+        const int nt = team_size(p, nchunks);
+        if (nt == 1) {
+            for (int64_t c = 0; c < nchunks; c++) {
+                forward_rows_chunk(p, lp, prm, &rp, c);
+            }
+        } else {
 #pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t c = 0; c < nchunks; c++) {
-        int64_t rb = c / rp.nb_cols, cb = c % rp.nb_cols;
-        int64_t r0 = rb * rp.rows, j0 = cb * rp.cols;
-        int64_t nr = (r0 + rp.rows < p->outer ? r0 + rp.rows : p->outer) - r0;
-        int64_t w = (j0 + rp.cols < rp.width ? j0 + rp.cols : rp.width) - j0;
-        const void *pv[4];
-        for (int f = 0; f < 4; f++) {
-            pv[f] = (const char *)prm + ((size_t)f * (size_t)rp.width + (size_t)j0) * lp->asize;
+            for (int64_t c = 0; c < nchunks; c++) {
+                forward_rows_chunk(p, lp, prm, &rp, c);
+            }
         }
-        size_t off = ((size_t)r0 * (size_t)rp.width + (size_t)j0) * lp->xsize;
-        lp->fwd_rows(x + off, y + off, nr, rp.width, w, pv);
+    } else {
+        const int64_t len = seg_chunk_len(p, 0);
+        const int64_t nchunks = ceil_div(numel_of(p), len);
+        const int nt = team_size(p, nchunks);
+        if (nt == 1) {
+            for (int64_t c = 0; c < nchunks; c++) {
+                forward_segment_chunk(p, lp, groups, len, c);
+            }
+        } else {
+#pragma omp parallel for schedule(static) num_threads(nt)
+            for (int64_t c = 0; c < nchunks; c++) {
+                forward_segment_chunk(p, lp, groups, len, c);
+            }
+        }
     }
 }
 
@@ -449,24 +499,23 @@ qvit_status qvit_fq_forward_cpu(const qvit_fq_params *p)
         return st;
     }
     const loops *lp = loops_for(p->x_dtype);
-    void *groups = malloc((size_t)p->groups * lp->gsize);
-    if (!groups) {
+    arena a = {0, NULL};
+    const size_t at_groups = arena_take(&a, (size_t)p->groups * lp->gsize);
+    const size_t at_prm = use_rows(p) ? arena_take(&a, (size_t)4 * (size_t)(p->groups * p->inner)
+                                                        * lp->asize)
+                                      : 0;
+    a.base = malloc(a.used);
+    if (!a.base) {
         return QVIT_ERR_NO_MEMORY;
     }
+    void *groups = a.base + at_groups;
+    void *prm = use_rows(p) ? a.base + at_prm : NULL;
     decode_groups(p, groups);
-    if (use_rows(p)) {
-        void *prm = malloc((size_t)4 * (size_t)(p->groups * p->inner) * lp->asize);
-        if (!prm) {
-            free(groups);
-            return QVIT_ERR_NO_MEMORY;
-        }
-        expand_groups(p, lp, groups, prm);
-        forward_rows(p, lp, prm);
-        free(prm);
-    } else {
-        forward_segments(p, lp, groups);
+    if (prm) {
+        expand_groups(p, groups, prm);
     }
-    free(groups);
+    forward_run(p, lp, groups, prm);
+    free(a.base);
     return QVIT_OK;
 }
 
@@ -480,106 +529,83 @@ static size_t rows_scratch_bytes(const rows_plan *rp, const loops *lp)
     return (size_t)3 * (size_t)rp->cols * (sizeof(double) + lp->asize);
 }
 
-/* part: [nchunks][G][3] doubles, zeroed; chunk c adds its segments' sums. */
-static void backward_segments(const qvit_fq_params *p, const loops *lp, const void *groups,
-                              double *part, int64_t len, int64_t nchunks)
+/* Chunk c of the "segments" layout adds its segments' sums into its own
+ * partial row part[c][G][3] (zeroed by the caller). */
+static void backward_segment_chunk(const qvit_fq_params *p, const loops *lp, const void *groups,
+                                   double *part, int64_t len, int64_t c)
 {
     const int64_t n = numel_of(p);
-    const int nt = team_size(p, nchunks);
-    const char *x = (const char *)p->x;
-    const char *u = (const char *)p->grad_y;
-    char *gx = (char *)p->grad_x;
-
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t c = 0; c < nchunks; c++) {
-        int64_t f = c * len;
-        int64_t end = f + len < n ? f + len : n;
-        double *pc = part + (size_t)c * (size_t)p->groups * 3;
-        while (f < end) {
-            int64_t row = f / p->inner;
-            int64_t g = row % p->groups;
-            int64_t seg_end = (row + 1) * p->inner;
-            int64_t m = (seg_end < end ? seg_end : end) - f;
-            size_t off = (size_t)f * lp->xsize;
-            lp->bwd_seg(x + off, u + off, gx + off, m,
-                        (const char *)groups + (size_t)g * lp->gsize, pc + g * 3);
-            f += m;
-        }
+    int64_t f = c * len;
+    const int64_t end = f + len < n ? f + len : n;
+    double *pc = part + (size_t)c * (size_t)p->groups * 3;
+    while (f < end) {
+        const int64_t row = f / p->inner;
+        const int64_t g = row % p->groups;
+        const int64_t seg_end = (row + 1) * p->inner;
+        const int64_t m = (seg_end < end ? seg_end : end) - f;
+        const size_t off = (size_t)f * lp->xsize;
+        lp->bwd_seg((const char *)p->x + off, (const char *)p->grad_y + off,
+                    (char *)p->grad_x + off, m, (const char *)groups + (size_t)g * lp->gsize,
+                    pc + g * 3);
+        f += m;
     }
 }
 
-/* part: [nb_rows][G][3] doubles, zeroed; acc: per-thread scratch of 3*cols
- * math-type values. Column blocks hold whole groups, so each (row block,
- * group) entry is written by exactly one chunk. */
-static void backward_rows(const qvit_fq_params *p, const loops *lp, const void *prm,
-                          const rows_plan *rp, double *part, char *acc)
+/* Chunk c = (row block rb, column block cb) of the "rows" layout. Column
+ * blocks hold whole groups, so each entry part[rb][g] is written by exactly
+ * one chunk. `mine` is the calling thread's scratch (rows_scratch_bytes). */
+static void backward_rows_chunk(const qvit_fq_params *p, const loops *lp, const void *prm,
+                                const rows_plan *rp, double *part, char *mine, int64_t c)
 {
-    const int64_t nchunks = rp->nb_rows * rp->nb_cols;
-    const int nt = team_size(p, nchunks);
-    const char *x = (const char *)p->x;
-    const char *u = (const char *)p->grad_y;
-    char *gx = (char *)p->grad_x;
-    const size_t acc_bytes = rows_scratch_bytes(rp, lp);
-
-#pragma omp parallel num_threads(nt)
-    {
-#ifdef _OPENMP
-        char *mine = acc + (size_t)omp_get_thread_num() * acc_bytes;
-#else
-        char *mine = acc;
-#endif
-        double *dacc = (double *)mine;  /* [3][cols] */
-        char *facc = mine + (size_t)3 * (size_t)rp->cols * sizeof(double);
-#pragma omp for schedule(static)
-        for (int64_t c = 0; c < nchunks; c++) {
-            int64_t rb = c / rp->nb_cols, cb = c % rp->nb_cols;
-            int64_t r0 = rb * rp->rows, j0 = cb * rp->cols;
-            int64_t nr = (r0 + rp->rows < p->outer ? r0 + rp->rows : p->outer) - r0;
-            int64_t w = (j0 + rp->cols < rp->width ? j0 + rp->cols : rp->width) - j0;
-            const void *pv[4];
-            void *av[3];
-            for (int f = 0; f < 4; f++) {
-                pv[f] = (const char *)prm + ((size_t)f * (size_t)rp->width + (size_t)j0) * lp->asize;
-            }
-            for (int f = 0; f < 3; f++) {
-                av[f] = facc + (size_t)f * (size_t)w * lp->asize;
-            }
-            memset(dacc, 0, (size_t)3 * (size_t)w * sizeof(double));
-            /* slices of QVIT_FLUSH rows sum in the math type, then fold into
-             * double: the error of a column sum stays that of QVIT_FLUSH terms */
-            for (int64_t s0 = 0; s0 < nr; s0 += QVIT_FLUSH) {
-                int64_t ns = nr - s0 < QVIT_FLUSH ? nr - s0 : QVIT_FLUSH;
-                size_t off = ((size_t)(r0 + s0) * (size_t)rp->width + (size_t)j0) * lp->xsize;
-                memset(facc, 0, (size_t)3 * (size_t)w * lp->asize);
-                lp->bwd_rows(x + off, u + off, gx + off, ns, rp->width, w, pv, av);
-                for (int f = 0; f < 3; f++) {
-                    double *d = dacc + (size_t)f * (size_t)w;
-                    if (lp->asize == sizeof(double)) {
-                        const double *a = (const double *)av[f];
-                        for (int64_t j = 0; j < w; j++) {
-                            d[j] += a[j];
-                        }
-                    } else {
-                        const float *a = (const float *)av[f];
-                        for (int64_t j = 0; j < w; j++) {
-                            d[j] += (double)a[j];
-                        }
-                    }
+    const int64_t rb = c / rp->nb_cols, cb = c % rp->nb_cols;
+    const int64_t r0 = rb * rp->rows, j0 = cb * rp->cols;
+    const int64_t nr = (r0 + rp->rows < p->outer ? r0 + rp->rows : p->outer) - r0;
+    const int64_t w = (j0 + rp->cols < rp->width ? j0 + rp->cols : rp->width) - j0;
+    double *dacc = (double *)mine;  /* [3][w] */
+    char *facc = mine + (size_t)3 * (size_t)rp->cols * sizeof(double);
+    const void *pv[4];
+    void *av[3];
+    for (int f = 0; f < 4; f++) {
+        pv[f] = (const char *)prm + ((size_t)f * (size_t)rp->width + (size_t)j0) * lp->asize;
+    }
+    for (int f = 0; f < 3; f++) {
+        av[f] = facc + (size_t)f * (size_t)w * lp->asize;
+    }
+    memset(dacc, 0, (size_t)3 * (size_t)w * sizeof(double));
+    /* slices of QVIT_FLUSH rows sum in the math type, then fold into double:
+     * the rounding of a column sum stays that of QVIT_FLUSH terms */
+    for (int64_t s0 = 0; s0 < nr; s0 += QVIT_FLUSH) {
+        const int64_t ns = nr - s0 < QVIT_FLUSH ? nr - s0 : QVIT_FLUSH;
+        const size_t off = ((size_t)(r0 + s0) * (size_t)rp->width + (size_t)j0) * lp->xsize;
+        memset(facc, 0, (size_t)3 * (size_t)w * lp->asize);
+        lp->bwd_rows((const char *)p->x + off, (const char *)p->grad_y + off,
+                     (char *)p->grad_x + off, ns, rp->width, w, pv, av);
+        for (int f = 0; f < 3; f++) {
+            double *d = dacc + (size_t)f * (size_t)w;
+            if (lp->asize == sizeof(double)) {
+                const double *s = (const double *)av[f];
+                for (int64_t j = 0; j < w; j++) {
+                    d[j] += s[j];
+                }
+            } else {
+                const float *s = (const float *)av[f];
+                for (int64_t j = 0; j < w; j++) {
+                    d[j] += (double)s[j];
                 }
             }
-            /* columns -> groups, in column order (blocks hold whole groups) */
-            double *pr = part + (size_t)rb * (size_t)p->groups * 3;
-            const int64_t g0 = j0 / p->inner, ng = w / p->inner;
-            for (int f = 0; f < 3; f++) {
-                const double *d = dacc + (size_t)f * (size_t)w;
-                for (int64_t gi = 0; gi < ng; gi++) {
-                    double sum = 0.0;
-                    for (int64_t i = gi * p->inner; i < (gi + 1) * p->inner; i++) {
-                        sum += d[i];
-                    }
-                    pr[(g0 + gi) * 3 + f] += sum;
-                }
+        }
+    }
+    /* columns -> groups, in column order */
+    double *pr = part + (size_t)rb * (size_t)p->groups * 3;
+    const int64_t g0 = j0 / p->inner, ng = w / p->inner;
+    for (int f = 0; f < 3; f++) {
+        const double *d = dacc + (size_t)f * (size_t)w;
+        for (int64_t gi = 0; gi < ng; gi++) {
+            double sum = 0.0;
+            for (int64_t i = gi * p->inner; i < (gi + 1) * p->inner; i++) {
+                sum += d[i];
             }
+            pr[(g0 + gi) * 3 + f] += sum;
         }
     }
 }
@@ -595,23 +621,22 @@ static void store_param(const qvit_fq_params *p, void *base, int64_t i, double v
 
 /* Per-group sums -> LSQ-scaled scale gradient, bit-width gradient, offset
  * gradient, scattered into the tables in group order (groups may share a
- * table row). sums: [G][3] = (acc_r, acc_hi, acc_lo). */
-static qvit_status finish_backward(const qvit_fq_params *p, const double *sums)
+ * table row). sums: [G][3] = (acc_r, acc_hi, acc_lo); table: 2 * Gs * K
+ * doubles of scratch. */
+static void finish_backward(const qvit_fq_params *p, const double *sums, double *table)
 {
-    int64_t k = (int64_t)(p->bits_max - p->bits_min + 1);
-    int64_t n_table = p->scale_groups * k;
-    int64_t n_group = p->outer * p->inner;
-    double *table = calloc((size_t)(2 * n_table), sizeof(double));
-    if (!table) {
-        return QVIT_ERR_NO_MEMORY;
-    }
+    const int64_t k = (int64_t)(p->bits_max - p->bits_min + 1);
+    const int64_t n_table = p->scale_groups * k;
+    const int64_t n_group = p->outer * p->inner;
     double *gs = table, *go = table + n_table;
+    memset(table, 0, (size_t)(2 * n_table) * sizeof(double));
     for (int64_t g = 0; g < p->groups; g++) {
-        group_info d = decode_group(p, g);
-        double acc_r = sums[g * 3], acc_hi = sums[g * 3 + 1], acc_lo = sums[g * 3 + 2];
+        const group_info d = decode_group(p, g);
+        const double acc_r = sums[g * 3], acc_hi = sums[g * 3 + 1], acc_lo = sums[g * 3 + 2];
         /* an empty group has no gradient (the LSQ factor would be 1/0) */
-        double factor = n_group > 0 ? qvit_lsq_grad_scale(p->grad_scale, n_group, d.qp) : 0.0;
-        double coef = qvit_bits_coef(d.bhat, p->is_signed, d.s);
+        const double factor =
+            n_group > 0 ? qvit_lsq_grad_scale(p->grad_scale, n_group, d.qp) : 0.0;
+        const double coef = qvit_bits_coef(d.bhat, p->is_signed, d.s);
         gs[d.slot] += factor * acc_r;
         go[d.slot] += acc_hi + acc_lo;
         store_param(p, p->grad_bits, g, p->is_signed ? coef * (acc_hi - acc_lo) : coef * acc_hi);
@@ -622,8 +647,6 @@ static qvit_status finish_backward(const qvit_fq_params *p, const double *sums)
             store_param(p, p->grad_offset, i, go[i]);
         }
     }
-    free(table);
-    return QVIT_OK;
 }
 
 qvit_status qvit_fq_backward_cpu(const qvit_fq_params *p)
@@ -643,37 +666,76 @@ qvit_status qvit_fq_backward_cpu(const qvit_fq_params *p)
     }
     const loops *lp = loops_for(p->x_dtype);
     const size_t G = (size_t)p->groups;
-    double *sums = calloc(G * 3, sizeof(double));
-    void *groups = malloc(G * lp->gsize);
-    double *part = NULL;
-    void *prm = NULL;
-    char *acc = NULL;
-    st = QVIT_ERR_NO_MEMORY;
-    if (!sums || !groups) {
-        goto done;
-    }
-    decode_groups(p, groups);
-    int64_t nparts = 0;
-    if (n > 0 && use_rows(p)) {
-        rows_plan rp = plan_rows(p, 1);
-        int nt = team_size(p, rp.nb_rows * rp.nb_cols);
+    const int rows = use_rows(p);
+    const int64_t k = (int64_t)(p->bits_max - p->bits_min + 1);
+
+    /* plan: chunking depends on the shape only (determinism) */
+    rows_plan rp = {0, 0, 0, 0, 0};
+    int64_t len = 0, nchunks = 0, nparts = 0;
+    if (n > 0 && rows) {
+        rp = plan_rows(p, 1);
+        nchunks = rp.nb_rows * rp.nb_cols;
         nparts = rp.nb_rows;
-        part = calloc((size_t)nparts * G * 3, sizeof(double));
-        prm = malloc((size_t)4 * (size_t)rp.width * lp->asize);
-        acc = malloc((size_t)nt * rows_scratch_bytes(&rp, lp));
-        if (!part || !prm || !acc) {
-            goto done;
-        }
-        expand_groups(p, lp, groups, prm);
-        backward_rows(p, lp, prm, &rp, part, acc);
     } else if (n > 0) {
-        int64_t len = seg_chunk_len(p, 1);
-        nparts = ceil_div(n, len);
-        part = calloc((size_t)nparts * G * 3, sizeof(double));
-        if (!part) {
-            goto done;
+        len = seg_chunk_len(p, 1);
+        nchunks = ceil_div(n, len);
+        nparts = nchunks;
+    }
+    const int nt = nchunks > 0 ? team_size(p, nchunks) : 1;
+
+    arena a = {0, NULL};
+    const size_t at_groups = arena_take(&a, G * lp->gsize);
+    const size_t at_part = arena_take(&a, (size_t)nparts * G * 3 * sizeof(double));
+    const size_t at_sums = arena_take(&a, G * 3 * sizeof(double));
+    const size_t at_table = arena_take(&a, (size_t)(2 * p->scale_groups * k) * sizeof(double));
+    const size_t at_prm = rows ? arena_take(&a, (size_t)4 * (size_t)rp.width * lp->asize) : 0;
+    const size_t scratch = rows ? rows_scratch_bytes(&rp, lp) : 0;
+    const size_t at_acc = rows ? arena_take(&a, (size_t)nt * ((scratch + 63) & ~(size_t)63)) : 0;
+    a.base = malloc(a.used);
+    if (!a.base) {
+        return QVIT_ERR_NO_MEMORY;
+    }
+    void *groups = a.base + at_groups;
+    double *part = (double *)(a.base + at_part);
+    double *sums = (double *)(a.base + at_sums);
+    memset(part, 0, (size_t)nparts * G * 3 * sizeof(double));
+    memset(sums, 0, G * 3 * sizeof(double));
+    decode_groups(p, groups);
+
+    if (nchunks > 0 && rows) {
+        void *prm = a.base + at_prm;
+        char *acc = a.base + at_acc;
+        const size_t stride = (scratch + 63) & ~(size_t)63;
+        expand_groups(p, groups, prm);
+        if (nt == 1) {
+            for (int64_t c = 0; c < nchunks; c++) {
+                backward_rows_chunk(p, lp, prm, &rp, part, acc, c);
+            }
+        } else {
+#pragma omp parallel num_threads(nt)
+            {
+#ifdef _OPENMP
+                char *mine = acc + (size_t)omp_get_thread_num() * stride;
+#else
+                char *mine = acc;
+#endif
+#pragma omp for schedule(static)
+                for (int64_t c = 0; c < nchunks; c++) {
+                    backward_rows_chunk(p, lp, prm, &rp, part, mine, c);
+                }
+            }
         }
-        backward_segments(p, lp, groups, part, len, nparts);
+    } else if (nchunks > 0) {
+        if (nt == 1) {
+            for (int64_t c = 0; c < nchunks; c++) {
+                backward_segment_chunk(p, lp, groups, part, len, c);
+            }
+        } else {
+#pragma omp parallel for schedule(static) num_threads(nt)
+            for (int64_t c = 0; c < nchunks; c++) {
+                backward_segment_chunk(p, lp, groups, part, len, c);
+            }
+        }
     }
     /* chunk partials in chunk order */
     for (int64_t c = 0; c < nparts; c++) {
@@ -682,12 +744,7 @@ qvit_status qvit_fq_backward_cpu(const qvit_fq_params *p)
             sums[i] += pc[i];
         }
     }
-    st = finish_backward(p, sums);
-done:
-    free(acc);
-    free(prm);
-    free(part);
-    free(groups);
-    free(sums);
-    return st;
+    finish_backward(p, sums, (double *)(a.base + at_table));
+    free(a.base);
+    return QVIT_OK;
 }
