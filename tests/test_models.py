@@ -108,10 +108,20 @@ def test_8_bits_close_2_bits_far(key):
     assert errs[2] > 0.2, errs
 
 
-@pytest.mark.parametrize("key", ["deit_distilled", "swin"])
-def test_forward_backward_gradients(key):
+def shared_channel():
+    """Head-wise with one shared table per attention quantizer; per-channel weights and inputs elsewhere."""
+    cfg = preset("qvit_mixed")
+    return cfg.replace(attn=cfg.attn.replace(shared_scale=True),
+                       attn_probs=cfg.attn_probs.replace(shared_scale=True),
+                       weight=cfg.weight.replace(granularity="channel"),
+                       act=cfg.act.replace(granularity="channel"))
+
+
+@pytest.mark.parametrize("key, cfg", [("deit_distilled", "qvit_mixed"), ("swin", "qvit_mixed"),
+                                      ("swin", "shared_channel")])
+def test_forward_backward_gradients(key, cfg):
     model, x = make(key)
-    quantize_model(model, preset("qvit_mixed"))
+    quantize_model(model, preset(cfg) if cfg in ("qvit_mixed",) else shared_channel())
     calibrate(model, [(x, None)])
     model.train()
     out = model(x)
