@@ -483,6 +483,50 @@ def test_op_passes_torch_thread_count(monkeypatch):
         torch.set_num_threads(old)
 
 
+_THREAD_PROBE = r"""
+import os, sys, torch
+from qvit import ops
+def tasks():
+    return len(os.listdir("/proc/self/task"))
+torch.set_num_threads(int(sys.argv[1]))
+x = torch.randn(400000)
+scale, bits = torch.full((1, 7), 0.05), torch.tensor([4.0])
+n0 = tasks()
+peak = n0
+for _ in range(5):
+    y = ops.fake_quant(x.requires_grad_(True), scale, bits)
+    y.sum().backward()
+    peak = max(peak, tasks())
+print(n0, peak)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs /proc (Linux)")
+@pytest.mark.parametrize("nt", [1, 2])
+def test_op_honours_torch_thread_count_in_os_threads(nt):
+    """In a fresh process, the op's OpenMP team uses torch.get_num_threads()
+    threads: with 1 no thread is started, with 2 at most one (the team shares
+    libgomp with torch, so torch's own pool threads are reused)."""
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", _THREAD_PROBE, str(nt)], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "8"})
+    assert out.returncode == 0, out.stderr
+    n0, peak = map(int, out.stdout.split())
+    assert peak - n0 <= nt - 1, (n0, peak)
+
+
+def test_threads_do_not_accumulate():
+    """Repeated calls (also with num_threads far above the core count) reuse
+    the OpenMP pool: the process's thread count stops growing."""
+    case = _case(5, n=3 * 40000)
+    counts = []
+    for _ in range(4):
+        _run(*case, num_threads=16)
+        counts.append(len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task")
+                      else 0)
+    assert counts[-1] == counts[1], counts
+
+
 # ---------------------------------------------------------------------------
 # leaks
 # ---------------------------------------------------------------------------
