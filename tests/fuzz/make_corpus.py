@@ -128,7 +128,7 @@ def regressions():
     return R
 
 
-def classes(dirs, limit=200, max_numel=4096):
+def classes(dirs, limit=250, max_numel=4096):
     """One case per outcome class (small inputs), thinned evenly to `limit`."""
     seen, out = set(), []
     files = sorted(f for d in dirs for f in glob.glob(os.path.join(d, "case_*.json")))
