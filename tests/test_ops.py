@@ -16,8 +16,10 @@ import torch
 
 from helpers import (LAYOUTS, assert_bitwise, assert_close_tol, decode, frozen_surrogate,
                      grad_tolerances, make_params, tie_and_edge_cases, tie_free_input)
+from conftest import IMPLS, SKIP_REASON
 from qvit import ops, reference
 
+IMPLS_CPU = IMPLS["cpu"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
@@ -411,3 +413,40 @@ def test_capsule_path_for_torch_without_exchange_api(kernel, monkeypatch):
     x = tie_free_input(shape, dim, scale, bits, offset, signed=False, seed=52)
     gy = torch.randn(shape, generator=torch.Generator().manual_seed(53))
     compare(kernel, x, scale, bits, offset, gy, signed=False, dim=dim)
+
+
+# --- property test: random layouts ------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def _op_case(draw):
+    shape = tuple(draw(st.lists(st.integers(1, 9), min_size=1, max_size=4)))
+    dim = draw(st.integers(-len(shape), len(shape) - 1))
+    size = shape[dim]
+    g = draw(st.sampled_from([d for d in range(1, size + 1) if size % d == 0]))
+    signed = draw(st.booleans())
+    br = draw(st.sampled_from([(2, 8), (3, 5), (2, 2)] + ([] if signed else [(1, 8)])))
+    bits = draw(st.lists(st.floats(-1.0, 11.0, allow_nan=False), min_size=g, max_size=g))
+    rows = draw(st.sampled_from([1, g]))
+    offset = draw(st.booleans())
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]))
+    seed = draw(st.integers(0, 2**16))
+    return shape, dim, g, signed, br, bits, rows, offset, dtype, seed
+
+
+@pytest.mark.skipif(SKIP_REASON["cpu"] is not None, reason=str(SKIP_REASON["cpu"]))
+@settings(max_examples=40, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(case=_op_case())
+def test_random_layouts_match_reference(case):
+    shape, dim, g, signed, br, bits, rows, with_offset, dtype, seed = case
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    scale, bits_t, offset = make_params(g, scale_rows=rows, bits=bits, bits_range=br,
+                                        offset=with_offset, dtype=pdt, seed=seed)
+    x = tie_free_input(shape, dim, scale, bits_t, offset, signed=signed, bits_range=br,
+                       dtype=dtype, seed=seed + 1)
+    gy = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 2)).to(dtype)
+    compare(IMPLS_CPU, x, scale, bits_t, offset, gy, signed=signed, dim=dim, bits_range=br)
