@@ -29,6 +29,8 @@ typedef struct qvit_state {
     PyObject *str_dlpack;          /* "__dlpack__" */
     PyObject *max_version;         /* (1, 0) */
     PyObject *kwnames_max_version; /* ("max_version",) */
+    PyObject *names_fwd[11];       /* interned argument names of fq_forward */
+    PyObject *names_bwd[17];       /* ... and of fq_backward */
 } qvit_state;
 
 static inline qvit_state *get_state(PyObject *module)
@@ -454,6 +456,119 @@ static int check_no_overlap(const tview *const *outs, int n_out, const tview *co
 }
 
 /* ------------------------------------------------------------------------ */
+/* Argument parsing (METH_FASTCALL | METH_KEYWORDS: no tuple or dict is built
+ * per call, so the hot ops allocate nothing that the cyclic GC tracks) */
+
+static const char *const FWD_NAMES[11] = {"x", "scale", "bits", "offset", "y", "dim", "signed",
+                                          "bits_min", "bits_max", "num_threads", "stream"};
+enum { FWD_NPOS = 5 };
+static const char *const BWD_NAMES[17] = {"grad_y", "x", "scale", "bits", "offset", "grad_x",
+                                          "grad_scale", "grad_bits", "grad_offset", "dim",
+                                          "signed", "bits_min", "bits_max", "lsq_grad_scale",
+                                          "num_threads", "stream", "workspace"};
+enum { BWD_NPOS = 9 };
+
+/* Fills out[0..n) (borrowed, NULL when absent) from positional arguments
+ * (at most npos) and keywords (any of the n names). */
+static int parse_fast(const char *fn, const char *const *names, PyObject *const *interned, int n,
+                      int npos, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                      PyObject **out)
+{
+    for (int i = 0; i < n; i++) {
+        out[i] = NULL;
+    }
+    if (nargs > npos) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %d positional arguments (%zd given)",
+                     fn, npos, nargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        out[i] = args[i];
+    }
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t k = 0; k < nkw; k++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, k);
+        int j = -1;
+        for (int i = 0; i < n && j < 0; i++) {
+            if (key == interned[i]) {
+                j = i;
+            }
+        }
+        for (int i = 0; i < n && j < 0; i++) {
+            if (PyUnicode_CompareWithASCIIString(key, names[i]) == 0) {
+                j = i;
+            }
+        }
+        if (j < 0) {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%U'", fn,
+                         key);
+            return -1;
+        }
+        if (out[j]) {
+            PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'", fn,
+                         names[j]);
+            return -1;
+        }
+        out[j] = args[nargs + k];
+    }
+    for (int i = 0; i < npos; i++) {
+        if (!out[i]) {
+            PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", fn, names[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* An int argument (anything with __index__); required when dflt_ok is 0. */
+static int arg_int(PyObject *o, const char *fn, const char *name, int dflt_ok, int dflt, int *out)
+{
+    if (!o) {
+        if (!dflt_ok) {
+            PyErr_Format(PyExc_TypeError, "%s() missing required keyword argument '%s'", fn,
+                         name);
+            return -1;
+        }
+        *out = dflt;
+        return 0;
+    }
+    long v = PyLong_AsLong(o);
+    if (v == -1 && PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "qvit: %s must be an int, got %.200s", name,
+                         Py_TYPE(o)->tp_name);
+        }
+        return -1;
+    }
+    if (v < INT32_MIN || v > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "qvit: %s=%ld is out of range", name, v);
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+static int arg_double(PyObject *o, const char *name, double dflt, double *out)
+{
+    if (!o) {
+        *out = dflt;
+        return 0;
+    }
+    double v = PyFloat_AsDouble(o);
+    if (v == -1.0 && PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "qvit: %s must be a float, got %.200s", name,
+                         Py_TYPE(o)->tp_name);
+        }
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
 /* Argument helpers */
 
 static int parse_signed(PyObject *obj, int32_t *out)
@@ -467,15 +582,6 @@ static int parse_signed(PyObject *obj, int32_t *out)
         return -1;
     }
     *out = t;
-    return 0;
-}
-
-static int require_kw(int present, const char *fn, const char *name)
-{
-    if (!present) {
-        PyErr_Format(PyExc_TypeError, "%s() missing required keyword argument '%s'", fn, name);
-        return -1;
-    }
     return 0;
 }
 
@@ -704,7 +810,7 @@ static int optional_arg(PyObject *obj)
 /* fq_forward */
 
 PyDoc_STRVAR(fq_forward_doc,
-"fq_forward($module, x, scale, bits, offset, y, /, *, dim, signed, bits_min, bits_max,\n"
+"fq_forward($module, x, scale, bits, offset, y, *, dim, signed, bits_min, bits_max,\n"
 "           num_threads=0, stream=None)\n"
 "--\n"
 "\n"
@@ -717,21 +823,22 @@ PyDoc_STRVAR(fq_forward_doc,
 "array when x is a NumPy array. Returns y. Raises ValueError for non-finite bits or\n"
 "offsets and non-positive or non-finite scales (CPU).");
 
-static PyObject *fq_forward(PyObject *module, PyObject *args, PyObject *kwargs)
+static PyObject *fq_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                            PyObject *kwnames)
 {
-    static char *kwlist[] = {"x", "scale", "bits", "offset", "y", "dim", "signed", "bits_min",
-                             "bits_max", "num_threads", "stream", NULL};
     qvit_state *st = get_state(module);
-    PyObject *ox, *oscale, *obits, *ooffset, *oy, *osigned = NULL, *ostream = Py_None;
-    int dim = INT32_MIN, bits_min = INT32_MIN, bits_max = INT32_MIN, num_threads = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|$iOiiiO:fq_forward", kwlist, &ox,
-                                     &oscale, &obits, &ooffset, &oy, &dim, &osigned, &bits_min,
-                                     &bits_max, &num_threads, &ostream)) {
+    PyObject *a[11];
+    if (parse_fast("fq_forward", FWD_NAMES, st->names_fwd, 11, FWD_NPOS, args, nargs, kwnames,
+                   a) < 0) {
         return NULL;
     }
-    if (require_kw(dim != INT32_MIN, "fq_forward", "dim") < 0 ||
-        require_kw(bits_min != INT32_MIN, "fq_forward", "bits_min") < 0 ||
-        require_kw(bits_max != INT32_MIN, "fq_forward", "bits_max") < 0) {
+    PyObject *ox = a[0], *oscale = a[1], *obits = a[2], *ooffset = a[3], *oy = a[4];
+    PyObject *osigned = a[6], *ostream = a[10] ? a[10] : Py_None;
+    int dim, bits_min, bits_max, num_threads;
+    if (arg_int(a[5], "fq_forward", "dim", 0, 0, &dim) < 0 ||
+        arg_int(a[7], "fq_forward", "bits_min", 0, 0, &bits_min) < 0 ||
+        arg_int(a[8], "fq_forward", "bits_max", 0, 0, &bits_max) < 0 ||
+        arg_int(a[9], "fq_forward", "num_threads", 1, 0, &num_threads) < 0) {
         return NULL;
     }
     qvit_fq_params p;
@@ -826,7 +933,7 @@ done:
 
 PyDoc_STRVAR(fq_backward_doc,
 "fq_backward($module, grad_y, x, scale, bits, offset, grad_x, grad_scale, grad_bits,\n"
-"            grad_offset, /, *, dim, signed, bits_min, bits_max, lsq_grad_scale=-1.0,\n"
+"            grad_offset, *, dim, signed, bits_min, bits_max, lsq_grad_scale=-1.0,\n"
 "            num_threads=0, stream=None, workspace=None)\n"
 "--\n"
 "\n"
@@ -840,26 +947,26 @@ PyDoc_STRVAR(fq_backward_doc,
 "workspace: CUDA scratch (uint8, fq_workspace_bytes() bytes) on x's device.\n"
 "Returns (grad_x, grad_scale, grad_bits, grad_offset).");
 
-static PyObject *fq_backward(PyObject *module, PyObject *args, PyObject *kwargs)
+static PyObject *fq_backward(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                             PyObject *kwnames)
 {
-    static char *kwlist[] = {"grad_y", "x", "scale", "bits", "offset", "grad_x", "grad_scale",
-                             "grad_bits", "grad_offset", "dim", "signed", "bits_min",
-                             "bits_max", "lsq_grad_scale", "num_threads", "stream",
-                             "workspace", NULL};
     qvit_state *st = get_state(module);
-    PyObject *ogy, *ox, *oscale, *obits, *ooffset, *ogx, *ogs, *ogb, *ogo;
-    PyObject *osigned = NULL, *ostream = Py_None, *ows = Py_None;
-    int dim = INT32_MIN, bits_min = INT32_MIN, bits_max = INT32_MIN, num_threads = 0;
-    double lsq = -1.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOO|$iOiidiOO:fq_backward", kwlist,
-                                     &ogy, &ox, &oscale, &obits, &ooffset, &ogx, &ogs, &ogb,
-                                     &ogo, &dim, &osigned, &bits_min, &bits_max, &lsq,
-                                     &num_threads, &ostream, &ows)) {
+    PyObject *a[17];
+    if (parse_fast("fq_backward", BWD_NAMES, st->names_bwd, 17, BWD_NPOS, args, nargs, kwnames,
+                   a) < 0) {
         return NULL;
     }
-    if (require_kw(dim != INT32_MIN, "fq_backward", "dim") < 0 ||
-        require_kw(bits_min != INT32_MIN, "fq_backward", "bits_min") < 0 ||
-        require_kw(bits_max != INT32_MIN, "fq_backward", "bits_max") < 0) {
+    PyObject *ogy = a[0], *ox = a[1], *oscale = a[2], *obits = a[3], *ooffset = a[4];
+    PyObject *ogx = a[5], *ogs = a[6], *ogb = a[7], *ogo = a[8];
+    PyObject *osigned = a[10], *ostream = a[15] ? a[15] : Py_None;
+    PyObject *ows = a[16] ? a[16] : Py_None;
+    int dim, bits_min, bits_max, num_threads;
+    double lsq;
+    if (arg_int(a[9], "fq_backward", "dim", 0, 0, &dim) < 0 ||
+        arg_int(a[11], "fq_backward", "bits_min", 0, 0, &bits_min) < 0 ||
+        arg_int(a[12], "fq_backward", "bits_max", 0, 0, &bits_max) < 0 ||
+        arg_double(a[13], "lsq_grad_scale", -1.0, &lsq) < 0 ||
+        arg_int(a[14], "fq_backward", "num_threads", 1, 0, &num_threads) < 0) {
         return NULL;
     }
     if (lsq != lsq) {
@@ -1166,9 +1273,9 @@ static PyObject *cuda_device_count(PyObject *module, PyObject *unused)
 }
 
 static PyMethodDef methods[] = {
-    {"fq_forward", (PyCFunction)(void (*)(void))fq_forward, METH_VARARGS | METH_KEYWORDS,
+    {"fq_forward", (PyCFunction)(void (*)(void))fq_forward, METH_FASTCALL | METH_KEYWORDS,
      fq_forward_doc},
-    {"fq_backward", (PyCFunction)(void (*)(void))fq_backward, METH_VARARGS | METH_KEYWORDS,
+    {"fq_backward", (PyCFunction)(void (*)(void))fq_backward, METH_FASTCALL | METH_KEYWORDS,
      fq_backward_doc},
     {"fq_workspace_bytes", fq_workspace_bytes, METH_VARARGS, fq_workspace_bytes_doc},
     {"set_exchange_api", set_exchange_api, METH_VARARGS, set_exchange_api_doc},
@@ -1197,6 +1304,16 @@ static int qvit_exec(PyObject *module)
     st->kwnames_max_version = Py_BuildValue("(s)", "max_version");
     if (!st->str_dlpack || !st->max_version || !st->kwnames_max_version) {
         return -1;
+    }
+    for (int i = 0; i < 11; i++) {
+        if (!(st->names_fwd[i] = PyUnicode_InternFromString(FWD_NAMES[i]))) {
+            return -1;
+        }
+    }
+    for (int i = 0; i < 17; i++) {
+        if (!(st->names_bwd[i] = PyUnicode_InternFromString(BWD_NAMES[i]))) {
+            return -1;
+        }
     }
 #ifdef QVIT_WITH_CUDA
     const int with_cuda = 1;
@@ -1227,6 +1344,12 @@ static int qvit_clear(PyObject *module)
     Py_CLEAR(st->str_dlpack);
     Py_CLEAR(st->max_version);
     Py_CLEAR(st->kwnames_max_version);
+    for (int i = 0; i < 11; i++) {
+        Py_CLEAR(st->names_fwd[i]);
+    }
+    for (int i = 0; i < 17; i++) {
+        Py_CLEAR(st->names_bwd[i]);
+    }
     st->api = NULL;
     return 0;
 }

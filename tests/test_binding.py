@@ -450,6 +450,30 @@ def test_missing_keywords_and_output_rules():
                        lsq_grad_scale=float("nan"), **KW)
 
 
+def test_argument_parsing_rules():
+    scale, bits, _ = _params(1, 1)
+    x = _x((8,))
+    # positional parameters may also be given by keyword; ints may be NumPy ints
+    y = _C.fq_forward(x=x, scale=scale, bits=bits, offset=None, y=None, dim=np.int64(0),
+                      signed=True, bits_min=2, bits_max=np.int32(8))
+    np.testing.assert_array_equal(y, _ref_fwd(x, scale, bits, None, True, 0))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'dims'"):
+        _C.fq_forward(x, scale, bits, None, None, dims=0, signed=True, **KW)
+    with pytest.raises(TypeError, match="multiple values for argument 'x'"):
+        _C.fq_forward(x, scale, bits, None, None, x=x, dim=0, signed=True, **KW)
+    with pytest.raises(TypeError, match="at most 5 positional arguments"):
+        _C.fq_forward(x, scale, bits, None, None, 0, dim=0, signed=True, **KW)
+    with pytest.raises(TypeError, match="missing required argument 'y'"):
+        _C.fq_forward(x, scale, bits, None, dim=0, signed=True, **KW)
+    with pytest.raises(TypeError, match="dim must be an int"):
+        _C.fq_forward(x, scale, bits, None, None, dim=0.5, signed=True, **KW)
+    with pytest.raises(TypeError, match="lsq_grad_scale must be a float"):
+        _C.fq_backward(x, x, scale, bits, None, None, None, None, None, dim=0, signed=True,
+                       lsq_grad_scale="1", **KW)
+    with pytest.raises(ValueError, match="num_threads=.* is out of range"):
+        _C.fq_forward(x, scale, bits, None, None, dim=0, signed=True, num_threads=2 ** 40, **KW)
+
+
 def test_backward_argument_errors():
     scale, bits, _ = _params(1, 1)
     x = _x((8,))
