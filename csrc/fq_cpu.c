@@ -2,17 +2,20 @@
  *
  * x is viewed as [outer, G, inner] (qvit.h); the element math is the one of
  * fq_math.h. Two loop shapes cover the layouts:
- *   - "segments" (inner > QVIT_SMALL_INNER: per-tensor, per-head): the flat
- *     array is cut into chunks; inside a chunk every run of one group is a
- *     segment processed with the group's parameters as scalars;
- *   - "rows" (inner small: per-channel inner = 1, proj columns inner = d): x
- *     is [outer, R = G*inner]; the parameters are expanded once to R-vectors
- *     and chunks are blocks of rows x blocks of columns, so the inner loop
- *     runs along the contiguous row with vector parameters.
- * Backward reductions are deterministic for any thread count: the chunking
- * depends on the shape only, each chunk sums in fixed-width lanes (fp32 for
- * fp32/fp16/bf16 x), the lanes are added in order in double, and the chunk
- * partials are added in chunk order in double.
+ *   - "segments" (G == 1, or inner > QVIT_SMALL_INNER: per-tensor,
+ *     per-head): the flat array is cut into chunks; inside a chunk every run
+ *     of one group is a segment processed with the group's parameters as
+ *     scalars;
+ *   - "rows" (G > 1 and inner small: per-channel inner = 1, proj columns
+ *     inner = d): x is [outer, R = G*inner]; the parameters are expanded once
+ *     to R-vectors and chunks are blocks of rows x blocks of columns, so the
+ *     inner loop runs along the contiguous row with vector parameters.
+ * Backward reductions are deterministic for any thread count (and ISA): the
+ * chunking depends on the shape only; partial sums run in the math type
+ * (fp32 for fp32/fp16/bf16 x) over at most QVIT_FLUSH terms in a fixed lane
+ * or column order, are then added in order in double, and the chunk partials
+ * are added in chunk order in double. Scratch is one allocation per call,
+ * proportional to G (and the chunk count), never to the number of elements.
  */
 #include <math.h>
 #include <stdlib.h>
