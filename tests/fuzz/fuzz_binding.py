@@ -278,7 +278,8 @@ def gen_spec(src: Source) -> Dict[str, Any]:
     if entry == "fwd" and src.prob(0.03) and not spec["tensors"]["y"]["mods"] \
             and spec["tensors"]["y"]["kind"] == spec["tensors"]["x"]["kind"] \
             and spec["tensors"]["x"]["kind"] in ("torch", "numpy") \
-            and not spec["tensors"]["x"]["mods"]:
+            and not spec["tensors"]["x"]["mods"] \
+            and not any(f["arg"] in ("x", "y") for f in spec["faults"]):
         spec["alias_y_x"] = True  # in-place: y is x; outputs may not overlap inputs
         if math.prod(shape) > 0:
             _fault(spec, "y", "alias")
