@@ -11,12 +11,14 @@ One :class:`Quantizer` holds the state of one quantization site (Li et al.,
 
 Every table entry is initialised by the MSE fixed point for its own bit-width
 (``q = round(clamp(x/s)); s <- <x,q>/<q,q>``; with offset alternating
-``beta <- mean(x - s q)``, starting from ``beta = min(x)``), from the weights or
-from the first calibration batch. The arithmetic is :func:`qvit.ops.fake_quant`.
+``beta <- mean(x - s q)``, starting from ``beta = min(x)``), itself started from
+the best point of a grid of clipping ratios (see :func:`mse_fit`), on the
+weights or on pooled calibration batches (lazily on the first input otherwise).
+The arithmetic is :func:`qvit.ops.fake_quant` (the pure-PyTorch reference when
+the compiled extension cannot be imported).
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Tuple
 
 import torch
