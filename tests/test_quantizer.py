@@ -7,7 +7,6 @@ MSE within 1 % of the best grid point).
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 
