@@ -466,7 +466,7 @@ static void forward_run(const qvit_fq_params *p, const loops *lp, const void *gr
                 forward_rows_chunk(p, lp, prm, &rp, c);
             }
         } else {
-#pragma omp parallel for schedule(static) num_threads(nt)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
             for (int64_t c = 0; c < nchunks; c++) {
                 forward_rows_chunk(p, lp, prm, &rp, c);
             }
@@ -480,7 +480,7 @@ static void forward_run(const qvit_fq_params *p, const loops *lp, const void *gr
                 forward_segment_chunk(p, lp, groups, len, c);
             }
         } else {
-#pragma omp parallel for schedule(static) num_threads(nt)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
             for (int64_t c = 0; c < nchunks; c++) {
                 forward_segment_chunk(p, lp, groups, len, c);
             }
@@ -722,7 +722,7 @@ qvit_status qvit_fq_backward_cpu(const qvit_fq_params *p)
 #else
                 char *mine = acc;
 #endif
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
                 for (int64_t c = 0; c < nchunks; c++) {
                     backward_rows_chunk(p, lp, prm, &rp, part, mine, c);
                 }
@@ -734,7 +734,7 @@ qvit_status qvit_fq_backward_cpu(const qvit_fq_params *p)
                 backward_segment_chunk(p, lp, groups, part, len, c);
             }
         } else {
-#pragma omp parallel for schedule(static) num_threads(nt)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
             for (int64_t c = 0; c < nchunks; c++) {
                 backward_segment_chunk(p, lp, groups, part, len, c);
             }
