@@ -178,7 +178,7 @@ def test_budget_training_reaches_budget():
         loss.backward()
         opt.step()
         clamp_bits_(model)
-        task.append(float(ce))
+        task.append(float(ce.detach()))
     with torch.no_grad():
         model(data[:1])
     final = float(bitops(model).detach()) / 1e9
