@@ -258,6 +258,22 @@ def test_empty_with_huge_sizes_no_overflow(shape):
     assert not gs.any() and not gb.any()  # empty x: zero gradients
 
 
+@pytest.mark.skipif(_C is not None and _C.cuda_device_count() > 0,
+                    reason="a real GPU would be handed host pointers")
+@pytest.mark.parametrize("stream", [None, 0])
+def test_cuda_capsule_without_driver_raises(stream):
+    """A CUDA-device DLPack tensor on a machine without a GPU / driver: a
+    ValueError (built without CUDA), KernelError (no driver) or torch's own
+    RuntimeError (stream=None asks torch for the current stream), never a crash."""
+    def cuda(shape, fill):
+        return RawTensor(shape, buffer=np.full(max(math.prod(shape), 1), fill, np.float32),
+                         device=(2, 0))
+    x, y, sc, b = cuda([8], 0.5), cuda([8], 0.0), cuda([1, 7], 0.1), cuda([1], 4.0)
+    with pytest.raises((ValueError, RuntimeError)):
+        _C.fq_forward(x.capsule, sc.capsule, b.capsule, None, y.capsule, dim=0,
+                      stream=stream, **KW)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
 @pytest.mark.parametrize("arg", ["x", "y", "scale"])
 def test_misaligned_numpy_rejected(dtype, arg):
