@@ -306,6 +306,16 @@ def gen_spec(src: Source) -> Dict[str, Any]:
         if src.prob(0.02):
             spec["dim_raw"] = src.choice([2**40, "0", 1.5])
             _fault(spec, "dim", "type")
+        if src.prob(0.03):  # the argument parser itself
+            spec["parse"] = src.choice(["unknown_kw", "extra_pos", "dup", "missing_pos",
+                                        "bits_min_huge", "num_threads_float", "signed_array",
+                                        "stream_str"])
+            arg = {"unknown_kw": "bogus", "extra_pos": "positional", "dup": "x",
+                   "missing_pos": "x" if entry == "fwd" else "grad_y",
+                   "bits_min_huge": "bits_min", "num_threads_float": "num_threads",
+                   "signed_array": "signed", "stream_str": None}[spec["parse"]]
+            if arg is not None:
+                _fault(spec, arg, "parse")
     spec["kw"] = kw
     return spec
 
@@ -845,11 +855,31 @@ def call(spec, objs):
     if "drop_kw" in spec:
         kw.pop(spec["drop_kw"])
     if entry == "fwd":
-        return _C.fq_forward(objs["x"], objs["scale"], objs["bits"], objs.get("offset"),
-                             objs["y"], **kw), None
-    return _C.fq_backward(objs["grad_y"], objs["x"], objs["scale"], objs["bits"],
-                          objs.get("offset"), objs["grad_x"], objs["grad_scale"],
-                          objs["grad_bits"], objs.get("grad_offset"), **kw), None
+        pos = [objs["x"], objs["scale"], objs["bits"], objs.get("offset"), objs["y"]]
+        fn = _C.fq_forward
+    else:
+        pos = [objs["grad_y"], objs["x"], objs["scale"], objs["bits"], objs.get("offset"),
+               objs["grad_x"], objs["grad_scale"], objs["grad_bits"], objs.get("grad_offset")]
+        fn = _C.fq_backward
+    how = spec.get("parse")
+    if how == "unknown_kw":
+        kw["bogus"] = 1
+    elif how == "extra_pos":
+        pos.append(kw.pop("dim"))
+    elif how == "dup":
+        kw["x"] = objs["x"]
+    elif how == "missing_pos":
+        pos = pos[1:]
+        kw.pop("dim", None)
+    elif how == "bits_min_huge":
+        kw["bits_min"] = 2**40
+    elif how == "num_threads_float":
+        kw["num_threads"] = 2.0
+    elif how == "signed_array":
+        kw["signed"] = np.array([1, 0])
+    elif how == "stream_str":
+        kw["stream"] = "not a stream"  # ignored on the CPU
+    return fn(*pos, **kw), None
 
 
 def run_spec(spec: Dict[str, Any]) -> str:

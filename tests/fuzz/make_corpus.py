@@ -101,6 +101,19 @@ def regressions():
         base_spec("bwd", (64, 1000), groups=1000, dim=1, scale_rows=1000))
     add("num-threads-64", "more threads than chunks",
         base_spec("fwd", (33000,), kw={"num_threads": 64}))
+    # --- the argument parser (METH_FASTCALL, hand-written) ---
+    for how, arg in (("unknown_kw", "bogus"), ("extra_pos", "positional"), ("dup", "x"),
+                     ("missing_pos", "x"), ("bits_min_huge", "bits_min"),
+                     ("num_threads_float", "num_threads"), ("signed_array", "signed"),
+                     ("stream_str", None)):
+        for entry in ("fwd", "bwd"):
+            s = base_spec(entry, (3, 5), kind="numpy" if entry == "fwd" else "torch")
+            s["parse"] = how
+            if arg:
+                _fault(s, "grad_y" if (how == "missing_pos" and entry == "bwd") else arg,
+                       "parse")
+            add(f"parse-{how}-{entry}", "argument parsing: a TypeError / ValueError naming "
+                "the argument (stream is ignored on the CPU)", s)
     # --- producers that cannot export ---
     add("torch-meta-x", "meta tensor: torch refuses to export (RuntimeError from torch)",
         with_mods(base_spec("fwd"), "x", "meta"))
