@@ -125,6 +125,8 @@ def _active_rows(scale: Tensor, groups: int) -> Tensor:
 def _lsq_factor(grad_scale: Optional[float], n_group: int, qp: Tensor) -> Tensor:
     if grad_scale is not None:
         return torch.full_like(qp, float(grad_scale))
+    if n_group == 0:  # an empty x: every gradient sum is 0, and so is its factor
+        return torch.zeros_like(qp)
     return 1.0 / torch.sqrt(n_group * qp)
 
 
