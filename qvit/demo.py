@@ -62,15 +62,18 @@ MODEL_KWARGS = ["patch_size=4", "embed_dim=96", "depth=4", "num_heads=3"]
 IMG_SIZE = 16
 FLOAT_EPOCHS = 15
 QAT_EPOCHS = 6
-COMMON = [
-    "--model", MODEL, "--img-size", str(IMG_SIZE), "--model-kwargs", *MODEL_KWARGS,
-    "-b", "64", "-j", "0", "--opt", "adamw", "--sched", "cosine", "--weight-decay", "0.05",
-    "--smoothing", "0.1",
-    # digits: no flips, mild crops, grey images centred at 0.5
-    "--mean", "0.5", "0.5", "0.5", "--std", "0.5", "0.5", "0.5", "--crop-pct", "1.0",
-    "--interpolation", "bilinear", "--scale", "0.7", "1.0", "--ratio", "0.9", "1.1",
-    "--hflip", "0", "--color-jitter", "0",
-]
+def _common() -> List[str]:
+    return [
+        "--model", MODEL, "--img-size", str(IMG_SIZE), "--model-kwargs", *MODEL_KWARGS,
+        "-b", "64", "-j", "0", "--opt", "adamw", "--sched", "cosine", "--weight-decay", "0.05",
+        "--smoothing", "0.1",
+        # digits: no flips, mild crops, grey images centred at 0.5
+        "--mean", "0.5", "0.5", "0.5", "--std", "0.5", "0.5", "0.5", "--crop-pct", "1.0",
+        "--interpolation", "bilinear", "--scale", "0.7", "1.0", "--ratio", "0.9", "1.1",
+        "--hflip", "0", "--color-jitter", "0",
+    ]
+
+
 FLOAT_ARGS = ["--quant", "none", "--lr", "2e-3", "--warmup-epochs", "1"]
 QAT_ARGS = ["--lr", "5e-4", "--calib-batches", "1"]
 METHODS = [
@@ -141,7 +144,7 @@ def run_demo(args) -> List[dict]:
     mixed_model = None
     for seed in seeds:
         run_root = os.path.join(out, f"seed{seed}")
-        base = [data, *COMMON, "--seed", str(seed), *extra]
+        base = [data, *_common(), "--seed", str(seed), *extra]
         print(f"[demo] seed {seed}: float {float_epochs} epochs", flush=True)
         f = _run([*base, *FLOAT_ARGS, "--epochs", str(float_epochs),
                   "--output", os.path.join(run_root, "float")])

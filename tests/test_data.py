@@ -153,3 +153,33 @@ def test_digits_folder_written_once_and_stratified(tmp_path):
     mtime = os.path.getmtime(os.path.join(root, "val", "3", f))
     write_digits_folder(root)
     assert os.path.getmtime(os.path.join(root, "val", "3", f)) == mtime
+
+
+@pytest.mark.slow
+@pytest.mark.timm
+def test_demo_end_to_end_tiny(tmp_path, monkeypatch):
+    """`qvit train` with no data: the demo's four runs, table, CSV and PNG (shrunk model)."""
+    pytest.importorskip("sklearn")
+    import csv
+
+    from qvit import demo
+    from qvit.cli import main
+
+    monkeypatch.setattr(demo, "MODEL_KWARGS", ["patch_size=4", "embed_dim=24", "depth=1",
+                                               "num_heads=3"])
+    monkeypatch.setattr(demo, "IMG_SIZE", 8)
+    out = tmp_path / "demo"
+    assert main(["train", "--output", str(out), "--epochs", "1", "--no-progress", "--quiet",
+                 "--no-tensorboard"]) == 0
+    for f in ("results.md", "results.csv", "bits.png", "mixed_bits.txt"):
+        assert (out / f).stat().st_size > 0, f
+    with open(out / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["method"] for r in rows] == ["float (32-bit)", "uniform W4A4 (LSQ)",
+                                           "uniform W3A3 (LSQ)", "Q-ViT mixed, 3-bit budget"]
+    assert all(0 <= float(r["top1"]) <= 100 for r in rows)
+    w4, w3 = rows[1], rows[2]
+    assert float(w4["gbitops"]) > float(w3["gbitops"]) > 0
+    assert float(rows[0]["gbitops"]) > float(w4["gbitops"])
+    # the cached digits folder is reused by a second call
+    assert (out / "data" / "digits" / "train").is_dir()
