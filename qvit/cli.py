@@ -237,8 +237,6 @@ def _load_model(path: str, device: Optional[str] = None):
 
 
 def cmd_eval(args) -> int:
-    import torch
-
     from .data import LoaderConfig, create_loader, eval_folder
     from .train import _device, evaluate, input_size
 

@@ -11,10 +11,9 @@ with uniform W4A4, uniform W3A3 and Q-ViT mixed head-wise bits at the uniform
 from __future__ import annotations
 
 import csv
-import json
 import os
 import time
-from typing import List, Optional
+from typing import List
 
 VAL_FRACTION = 0.2
 SPLIT_SEED = 0

@@ -8,16 +8,14 @@ distillation from the float model.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import math
 import os
 import random
-import sys
 import time
 from contextlib import nullcontext
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -219,7 +217,7 @@ class QuantState:
         """Budget in GBitOPs (or in megabits of weights for kind='size')."""
         if not self.active:
             return None
-        from .budget import model_size_bits, uniform_bitops
+        from .budget import uniform_bitops
 
         if args.budget_gbitops is not None:
             self.budget = float(args.budget_gbitops)

@@ -54,8 +54,6 @@ def test_export_load_reproduces_outputs(tmp_path, preset_name, perturb):
 
 
 def test_codes_are_integers_in_range_and_decode_to_fake_quant():
-    from qvit.convert import quantizers
-
     m, _ = _model("qvit_mixed", perturb_bits=True)
     seen = 0
     for name, mod in m.named_modules():
