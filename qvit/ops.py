@@ -411,6 +411,11 @@ def fake_quant(
     CPU); parameter gradients are deterministic fixed-order sums. An empty
     ``x`` gives an empty ``y`` and all-zero gradients.
 
+    Non-finite input: a NaN in ``x`` gives NaN in ``y`` and ``grad_x`` at that
+    element and in its own group's active scale gradient, nothing else (NaN
+    counts as inside the range); +-Inf clips to ``Qp*s+beta`` / ``Qn*s+beta``
+    with zero ``grad_x``.
+
     Args:
         x: input of any shape, float32 / float16 / bfloat16 (float64 on CPU).
         scale: ``[1 or G, K]`` switchable-scale table, ``K = bits_max - bits_min + 1``;
@@ -429,8 +434,9 @@ def fake_quant(
         TypeError: a non-tensor argument, or a wrong dtype.
         ValueError: shapes that do not fit, a device mix, a bad ``bits_range`` or
             ``grad_scale``; on the CPU also a scale that is not finite and > 0,
-            a non-finite bit-width or offset (checked by the kernel; the CUDA
-            kernels never read parameters on the host, so they do not check).
+            a non-finite bit-width or offset (checked by the kernel). The CUDA
+            kernels never read parameters on the host: there such a group's
+            outputs and gradients become NaN, and other groups are unaffected.
         RuntimeError: ``qvit._C`` failed to import (the message carries why).
 
     Example::
