@@ -248,3 +248,33 @@ def frozen_surrogate(x, scale, offset, bits, signed, dim, br, base=None):
     qn, qp = qn.view(1, g, 1), qp.view(1, g, 1)
     y = torch.where(v0 > qp, qp * s + beta, torch.where(v0 < qn, qn * s + beta, (v + c0) * s + beta))
     return y.reshape(x.shape), v0
+
+
+def surrogate_gradcheck(fake_quant, layout: str, signed: bool) -> bool:
+    """float64 ``gradcheck`` of ``fake_quant``'s x / scale / offset gradients.
+
+    Finite differences of a fake quantizer are 0 almost everywhere (the
+    straight-through gradient is a chosen surrogate), so the numerical side is
+    the frozen-residual surrogate and the analytical side is ``fake_quant``'s
+    backward: ``forward = surrogate.detach() + (y - y.detach())``. Residuals and
+    masks are frozen at the unperturbed point; ``eps`` keeps every perturbed
+    ``v`` within its margin from ties and clip edges. ``grad_scale=1`` because
+    the LSQ factor rescales only the gradient.
+    """
+    shape, dim, g = LAYOUTS[layout]
+    br = (2, 8)
+    scale, bits, offset = make_params(g, scale_rows=g, bits_range=br, offset=not signed,
+                                      dtype=torch.float64, seed=3)
+    x = tie_free_input(shape, dim, scale, bits, offset, signed=signed, dtype=torch.float64, seed=4)
+    inputs = [x.requires_grad_(), scale.requires_grad_()]
+    if offset is not None:
+        inputs.append(offset.requires_grad_())
+    _, v_base = frozen_surrogate(x.detach(), scale.detach(), offset, bits, signed, dim, br)
+
+    def f(x, scale, offset=None):
+        y = fake_quant(x, scale, bits, offset, signed=signed, dim=dim, grad_scale=1.0)
+        sur, _ = frozen_surrogate(x, scale, offset, bits, signed, dim, br, base=v_base)
+        return sur.detach() + (y - y.detach())
+
+    return torch.autograd.gradcheck(f, inputs, eps=1e-7, atol=1e-6)
+

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import (LAYOUTS, assert_bitwise, assert_close_tol, decode, frozen_surrogate,
-                     grad_tolerances, make_params, tie_and_edge_cases, tie_free_input)
+from helpers import (LAYOUTS, assert_bitwise, assert_close_tol, decode,
+                     grad_tolerances, make_params, surrogate_gradcheck, tie_and_edge_cases,
+                     tie_free_input)
 from conftest import IMPLS, SKIP_REASON
 from qvit import ops, reference
 
@@ -198,22 +199,8 @@ def test_nan_input_propagates(kernel):
 @pytest.mark.parametrize("layout", ["per_tensor", "per_head_act", "per_head_cols"])
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
 def test_gradcheck_op(needs_c, layout, signed):
-    """float64 gradcheck of x / scale / offset through the C kernel (see test_reference)."""
-    shape, dim, g = LAYOUTS[layout]
-    br = (2, 8)
-    scale, bits, offset = make_params(g, scale_rows=g, offset=not signed, dtype=torch.float64, seed=3)
-    x = tie_free_input(shape, dim, scale, bits, offset, signed=signed, dtype=torch.float64, seed=4)
-    inputs = [x.requires_grad_(), scale.requires_grad_()]
-    if offset is not None:
-        inputs.append(offset.requires_grad_())
-    _, v_base = frozen_surrogate(x.detach(), scale.detach(), offset, bits, signed, dim, br)
-
-    def f(x, scale, offset=None):
-        y = ops.fake_quant(x, scale, bits, offset, signed=signed, dim=dim, grad_scale=1.0)
-        sur, _ = frozen_surrogate(x, scale, offset, bits, signed, dim, br, base=v_base)
-        return sur.detach() + (y - y.detach())
-
-    assert torch.autograd.gradcheck(f, inputs, eps=1e-7, atol=1e-6)
+    """float64 gradcheck of x / scale / offset through the C kernel (see helpers.surrogate_gradcheck)."""
+    assert surrogate_gradcheck(ops.fake_quant, layout, signed)
 
 
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
