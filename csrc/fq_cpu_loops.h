@@ -13,12 +13,40 @@
  * ("control flow in loop"), i.e. no vectorisation.
  */
 
+/* Software prefetch of the input streams, QVIT_PREFETCH_BYTES ahead, one
+ * prefetch per cache line of a QVIT_LANES block (see fq_cpu.c for why). */
+#ifndef QV_PREFETCH_BLOCK_DEFINED
+#define QV_PREFETCH_BLOCK_DEFINED
+#define QV_PREFETCH_BLOCK(p)                                                             \
+    do {                                                                                 \
+        for (size_t pf_ = 0; pf_ < QVIT_LANES * sizeof(*(p)); pf_ += 64) {               \
+            __builtin_prefetch((const char *)(p) + QVIT_PREFETCH_BYTES + pf_, 0, 3);     \
+        }                                                                                \
+    } while (0)
+/* Prefetch of one QVIT_LANES block at p + ahead elements (the rows loops). */
+#define QV_PREFETCH_AT(p, ahead)                                                         \
+    do {                                                                                 \
+        for (size_t pf_ = 0; pf_ < QVIT_LANES * sizeof(*(p)); pf_ += 64) {               \
+            __builtin_prefetch((const char *)((p) + (ahead)) + pf_, 0, 3);               \
+        }                                                                                \
+    } while (0)
+#endif
+
 QV_TARGET static void QV_NAME(fwd_seg)(const void *xv, void *yv, int64_t n, const void *gv)
 {
     const QV_XT *x = (const QV_XT *)xv;
     QV_XT *y = (QV_XT *)yv;
     const QV_GT g = *(const QV_GT *)gv;
-    for (int64_t i = 0; i < n; i++) {
+    const int64_t nb = n / QVIT_LANES;
+    for (int64_t b = 0; b < nb; b++) {
+        const QV_XT *xb = x + b * QVIT_LANES;
+        QV_XT *yb = y + b * QVIT_LANES;
+        QV_PREFETCH_BLOCK(xb);
+        for (int l = 0; l < QVIT_LANES; l++) {
+            yb[l] = QV_STORE(QV_FWD(QV_LOAD(xb[l]), g));
+        }
+    }
+    for (int64_t i = nb * QVIT_LANES; i < n; i++) {
         y[i] = QV_STORE(QV_FWD(QV_LOAD(x[i]), g));
     }
 }
@@ -29,16 +57,32 @@ QV_TARGET static void QV_NAME(fwd_seg)(const void *xv, void *yv, int64_t n, cons
 QV_TARGET static inline void QV_NAME(fwd_row4)(
     const QV_XT *restrict x0, const QV_XT *restrict x1, const QV_XT *restrict x2,
     const QV_XT *restrict x3, QV_XT *restrict y0, QV_XT *restrict y1, QV_XT *restrict y2,
-    QV_XT *restrict y3, int64_t w, const QV_AT *restrict s, const QV_AT *restrict beta,
-    const QV_AT *restrict qn, const QV_AT *restrict qp)
+    QV_XT *restrict y3, int64_t w, int64_t ahead, const QV_AT *restrict s,
+    const QV_AT *restrict beta, const QV_AT *restrict qn, const QV_AT *restrict qp)
 {
-    for (int64_t j = 0; j < w; j++) {
-        QV_GT g = {s[j], beta[j], qn[j], qp[j]};
-        y0[j] = QV_STORE(QV_FWD(QV_LOAD(x0[j]), g));
-        y1[j] = QV_STORE(QV_FWD(QV_LOAD(x1[j]), g));
-        y2[j] = QV_STORE(QV_FWD(QV_LOAD(x2[j]), g));
-        y3[j] = QV_STORE(QV_FWD(QV_LOAD(x3[j]), g));
+#define QV_FWD_COL4(j)                                                                   \
+    do {                                                                                 \
+        QV_GT g = {s[j], beta[j], qn[j], qp[j]};                                         \
+        y0[j] = QV_STORE(QV_FWD(QV_LOAD(x0[j]), g));                                     \
+        y1[j] = QV_STORE(QV_FWD(QV_LOAD(x1[j]), g));                                     \
+        y2[j] = QV_STORE(QV_FWD(QV_LOAD(x2[j]), g));                                     \
+        y3[j] = QV_STORE(QV_FWD(QV_LOAD(x3[j]), g));                                     \
+    } while (0)
+    int64_t j0 = 0;
+    for (; j0 + QVIT_LANES <= w; j0 += QVIT_LANES) {
+        /* the same columns of the next four rows */
+        QV_PREFETCH_AT(x0 + j0, ahead);
+        QV_PREFETCH_AT(x1 + j0, ahead);
+        QV_PREFETCH_AT(x2 + j0, ahead);
+        QV_PREFETCH_AT(x3 + j0, ahead);
+        for (int64_t j = j0; j < j0 + QVIT_LANES; j++) {
+            QV_FWD_COL4(j);
+        }
     }
+    for (int64_t j = j0; j < w; j++) {
+        QV_FWD_COL4(j);
+    }
+#undef QV_FWD_COL4
 }
 
 QV_TARGET static inline void QV_NAME(fwd_row)(const QV_XT *restrict x, QV_XT *restrict y,
@@ -65,7 +109,7 @@ QV_TARGET static void QV_NAME(fwd_rows)(const void *xv, void *yv, int64_t rows, 
         const QV_XT *xr = x + r * stride;
         QV_XT *yr = y + r * stride;
         QV_NAME(fwd_row4)(xr, xr + stride, xr + 2 * stride, xr + 3 * stride, yr, yr + stride,
-                          yr + 2 * stride, yr + 3 * stride, w, s, beta, qn, qp);
+                          yr + 2 * stride, yr + 3 * stride, w, 4 * stride, s, beta, qn, qp);
     }
     for (; r < rows; r++) {
         QV_NAME(fwd_row)(x + r * stride, y + r * stride, w, s, beta, qn, qp);
@@ -91,6 +135,8 @@ QV_TARGET static void QV_NAME(bwd_seg)(const void *xv, const void *uv, void *gxv
             const QV_XT *xb = x + b * QVIT_LANES;
             const QV_XT *ub = u + b * QVIT_LANES;
             QV_XT *gb = gx + b * QVIT_LANES;
+            QV_PREFETCH_BLOCK(xb);
+            QV_PREFETCH_BLOCK(ub);
             for (int l = 0; l < QVIT_LANES; l++) {
                 QV_AT r = ar[l], hi = ah[l], lo = al[l];
                 gb[l] = QV_STORE(QV_BWD(QV_LOAD(xb[l]), QV_LOAD(ub[l]), g, &r, &hi, &lo));
@@ -120,21 +166,41 @@ QV_TARGET static inline void QV_NAME(bwd_row4)(
     const QV_XT *restrict x0, const QV_XT *restrict x1, const QV_XT *restrict x2,
     const QV_XT *restrict x3, const QV_XT *restrict u0, const QV_XT *restrict u1,
     const QV_XT *restrict u2, const QV_XT *restrict u3, QV_XT *restrict g0,
-    QV_XT *restrict g1, QV_XT *restrict g2, QV_XT *restrict g3, int64_t w,
+    QV_XT *restrict g1, QV_XT *restrict g2, QV_XT *restrict g3, int64_t w, int64_t ahead,
     const QV_AT *restrict s, const QV_AT *restrict beta, const QV_AT *restrict qn,
     const QV_AT *restrict qp, QV_AT *restrict ar, QV_AT *restrict ah, QV_AT *restrict al)
 {
-    for (int64_t j = 0; j < w; j++) {
-        QV_GT g = {s[j], beta[j], qn[j], qp[j]};
-        QV_AT a0 = ar[j], a1 = ah[j], a2 = al[j];
-        g0[j] = QV_STORE(QV_BWD(QV_LOAD(x0[j]), QV_LOAD(u0[j]), g, &a0, &a1, &a2));
-        g1[j] = QV_STORE(QV_BWD(QV_LOAD(x1[j]), QV_LOAD(u1[j]), g, &a0, &a1, &a2));
-        g2[j] = QV_STORE(QV_BWD(QV_LOAD(x2[j]), QV_LOAD(u2[j]), g, &a0, &a1, &a2));
-        g3[j] = QV_STORE(QV_BWD(QV_LOAD(x3[j]), QV_LOAD(u3[j]), g, &a0, &a1, &a2));
-        ar[j] = a0;
-        ah[j] = a1;
-        al[j] = a2;
+#define QV_BWD_COL4(j)                                                                   \
+    do {                                                                                 \
+        QV_GT g = {s[j], beta[j], qn[j], qp[j]};                                         \
+        QV_AT a0 = ar[j], a1 = ah[j], a2 = al[j];                                        \
+        g0[j] = QV_STORE(QV_BWD(QV_LOAD(x0[j]), QV_LOAD(u0[j]), g, &a0, &a1, &a2));      \
+        g1[j] = QV_STORE(QV_BWD(QV_LOAD(x1[j]), QV_LOAD(u1[j]), g, &a0, &a1, &a2));      \
+        g2[j] = QV_STORE(QV_BWD(QV_LOAD(x2[j]), QV_LOAD(u2[j]), g, &a0, &a1, &a2));      \
+        g3[j] = QV_STORE(QV_BWD(QV_LOAD(x3[j]), QV_LOAD(u3[j]), g, &a0, &a1, &a2));      \
+        ar[j] = a0;                                                                      \
+        ah[j] = a1;                                                                      \
+        al[j] = a2;                                                                      \
+    } while (0)
+    int64_t j0 = 0;
+    for (; j0 + QVIT_LANES <= w; j0 += QVIT_LANES) {
+        /* the same columns of the next four rows */
+        QV_PREFETCH_AT(x0 + j0, ahead);
+        QV_PREFETCH_AT(x1 + j0, ahead);
+        QV_PREFETCH_AT(x2 + j0, ahead);
+        QV_PREFETCH_AT(x3 + j0, ahead);
+        QV_PREFETCH_AT(u0 + j0, ahead);
+        QV_PREFETCH_AT(u1 + j0, ahead);
+        QV_PREFETCH_AT(u2 + j0, ahead);
+        QV_PREFETCH_AT(u3 + j0, ahead);
+        for (int64_t j = j0; j < j0 + QVIT_LANES; j++) {
+            QV_BWD_COL4(j);
+        }
     }
+    for (int64_t j = j0; j < w; j++) {
+        QV_BWD_COL4(j);
+    }
+#undef QV_BWD_COL4
 }
 
 /* The row loops live in their own functions with restrict parameters:
@@ -174,7 +240,7 @@ QV_TARGET static void QV_NAME(bwd_rows)(const void *xv, const void *uv, void *gx
         QV_XT *gr = gx + r * stride;
         QV_NAME(bwd_row4)(xr, xr + stride, xr + 2 * stride, xr + 3 * stride, ur, ur + stride,
                           ur + 2 * stride, ur + 3 * stride, gr, gr + stride, gr + 2 * stride,
-                          gr + 3 * stride, w, s, beta, qn, qp, ar, ah, al);
+                          gr + 3 * stride, w, 4 * stride, s, beta, qn, qp, ar, ah, al);
     }
     for (; r < rows; r++) {
         QV_NAME(bwd_row)(x + r * stride, u + r * stride, gx + r * stride, w, s, beta, qn, qp,
