@@ -961,6 +961,9 @@ static PyObject *fq_backward(PyObject *module, PyObject *const *args, Py_ssize_t
     PyObject *ogx = a[5], *ogs = a[6], *ogb = a[7], *ogo = a[8];
     PyObject *osigned = a[10], *ostream = a[15] ? a[15] : Py_None;
     PyObject *ows = a[16] ? a[16] : Py_None;
+#ifndef QVIT_WITH_CUDA
+    (void)ows; /* the workspace only matters on CUDA */
+#endif
     int dim, bits_min, bits_max, num_threads;
     double lsq;
     if (arg_int(a[9], "fq_backward", "dim", 0, 0, &dim) < 0 ||
