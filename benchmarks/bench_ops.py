@@ -6,8 +6,10 @@ Usage::
                                    [--quick] [--compile-ref] [--no-huge] [--threads N]
 
 For each shape (DeiT-Tiny/Small quantizer sites at batch 64, plus one tensor
-far beyond the last-level cache) it times forward + backward, as a user's
-training step calls it (through the autograd Function, grads into leaves), of:
+far beyond the last-level cache) it times one training step of the quantizer
+as a user's model runs it: forward, backward (through the autograd Function,
+grads into leaves), then dropping the gradients, as a training step frees a
+layer's input gradient once the layer below has used it. Contenders:
 
 * ``qvit``      - ``qvit.ops.fake_quant`` (the C / CUDA kernels);
 * ``reference`` - ``qvit.reference.fake_quant``, the pure-PyTorch composite
@@ -21,10 +23,18 @@ training step calls it (through the autograd Function, grads into leaves), of:
   the ideal fused op (5 element-sizes per element: fwd reads x, writes y; bwd
   reads x and dy, writes dx).
 
-Columns: median wall time of the repeats (CPU: also the median process CPU
-time, which a loaded machine disturbs less), effective bandwidth counting the ideal
-bytes (20 B/element fp32, 10 B bf16/fp16), the fraction of the same-run copy
-bandwidth, and how much faster qvit is. Inputs rotate through enough buffers
+Timing: the contenders take turns. Each round runs every contender (in a
+shuffled order) for one untimed call and then ``--per-round`` timed calls;
+the reported time is the median over rounds of each round's median. A machine
+whose speed drifts (a shared VM, turbo, other tenants) then slows every
+contender alike instead of whichever happened to run during the slow spell.
+
+Columns: that time (CPU with one thread, ``--threads 1``: also the median
+process CPU time, which a loaded machine disturbs less; with more threads
+Linux's process clock is too coarse for one call), effective bandwidth counting the ideal bytes
+(20 B/element fp32, 10 B bf16/fp16), the fraction of the same-run copy
+bandwidth, and how much faster qvit is. The last two are paired: the ratio
+within each round, then the median over rounds. Inputs rotate through enough buffers
 to exceed twice the last-level cache.
 """
 from __future__ import annotations
@@ -33,6 +43,7 @@ import argparse
 import dataclasses
 import math
 import os
+import random
 import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -108,13 +119,13 @@ def _contenders(case: Case, dtype, device, rot, compile_ref: bool) -> Dict[str, 
 
     def run_qvit():
         x, gy = rot.next()
-        leaf_reset(x, scale, bits)
         ops.fake_quant(x, scale, bits, dim=dim).backward(gy)
+        leaf_reset(x, scale, bits)
 
     def run_ref():
         x, gy = rot.next()
-        leaf_reset(x, scale, bits)
         reference.fake_quant(x, scale, bits, dim=dim).backward(gy)
+        leaf_reset(x, scale, bits)
 
     out: Dict[str, Callable[[], None]] = {"qvit": run_qvit}
     if not case.huge:
@@ -129,17 +140,17 @@ def _contenders(case: Case, dtype, device, rot, compile_ref: bool) -> Dict[str, 
         if case.layout == "per-tensor":
             def run_aten():
                 x, gy = rot.next()
-                leaf_reset(x, s_vec, z_vec)
                 torch._fake_quantize_learnable_per_tensor_affine(
                     x, s_vec, z_vec, qmin, qmax, grad_factor).backward(gy)
+                leaf_reset(x, s_vec, z_vec)
         else:
             axis = dim % len(case.shape)
 
             def run_aten():
                 x, gy = rot.next()
-                leaf_reset(x, s_vec, z_vec)
                 torch._fake_quantize_learnable_per_channel_affine(
                     x, s_vec, z_vec, axis, qmin, qmax, grad_factor).backward(gy)
+                leaf_reset(x, s_vec, z_vec)
         out["aten"] = run_aten
 
     if compile_ref and not case.huge:
@@ -147,8 +158,8 @@ def _contenders(case: Case, dtype, device, rot, compile_ref: bool) -> Dict[str, 
 
         def run_ref_compiled():
             x, gy = rot.next()
-            leaf_reset(x, scale, bits)
             compiled(x, scale, bits, dim=dim).backward(gy)
+            leaf_reset(x, scale, bits)
         out["ref+compile"] = run_ref_compiled
     return out
 
@@ -173,15 +184,40 @@ def _validate(case: Case, dtype, device):
         raise SystemExit(f"bench_ops: qvit disagrees with the reference on {case.name}")
 
 
-def _time(fn, device, *, budget_s: float, min_rep: int, max_rep: int, warmup: int,
-          cpu_times: Optional[List[float]] = None) -> List[float]:
-    if device == "cuda":
-        first = common.time_cuda(fn, warmup=warmup, repeats=1)[0]
-        repeats = int(min(max_rep, max(min_rep, budget_s / max(first, 1e-6))))
-        return common.time_cuda(fn, warmup=0, repeats=repeats)
-    first = common.time_cpu(fn, warmup=warmup, repeats=1)[0]
-    repeats = int(min(max_rep, max(min_rep, budget_s / max(first, 1e-6))))
-    return common.time_cpu(fn, warmup=0, repeats=repeats, cpu_times=cpu_times)
+def _time_rounds(fns: Dict[str, Callable[[], None]], device: str, *, rounds: int,
+                 per_round: int, cpu_time: bool = False,
+                 seed: int = 0) -> Tuple[Dict[str, List[float]], Dict[str, List[float]]]:
+    """Each round's median time (and CPU time) per contender, rounds in order."""
+    rng = random.Random(seed)
+    wall: Dict[str, List[float]] = {k: [] for k in fns}
+    cpu: Dict[str, List[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for _ in range(rounds):
+        rng.shuffle(names)
+        for name in names:
+            fn = fns[name]
+            if device == "cuda":
+                t = common.time_cuda(fn, warmup=1, repeats=per_round)
+            elif cpu_time:
+                c: List[float] = []
+                t = common.time_cpu(fn, warmup=1, repeats=per_round, cpu_times=c)
+                cpu[name].append(common.median(c))
+            else:
+                t = common.time_cpu(fn, warmup=1, repeats=per_round)
+            wall[name].append(common.median(t))
+    return wall, {k: v for k, v in cpu.items() if v}
+
+
+def _cpu_column(device: str) -> bool:
+    # Linux charges another thread's CPU time to the process clock in bursts
+    # (at its ticks and switches), so with 2+ threads one call's process time
+    # ranged from 1x to 8.5x its wall time here: only one thread is measurable.
+    return device == "cpu" and torch.get_num_threads() == 1
+
+
+def _paired(num: List[float], den: List[float]) -> float:
+    """Median over rounds of num/den, the two timed in the same round."""
+    return common.median([a / b for a, b in zip(num, den)])
 
 
 def run_case(case: Case, args) -> Tuple[List[List[str]], Dict[str, float], Dict[str, float]]:
@@ -195,35 +231,32 @@ def run_case(case: Case, args) -> Tuple[List[List[str]], Dict[str, float], Dict[
     if not case.huge:
         _validate(case, dtype, device)
     rot = _inputs(case, dtype, device, count)
-    budget = 0.5 if args.quick else 2.0
-    warmup = 1 if case.huge else 3
-    reps = dict(budget_s=budget, min_rep=3 if case.huge else 5, max_rep=200, warmup=warmup)
-    medians: Dict[str, float] = {}
-    cpu: Dict[str, float] = {}
     fns = _contenders(case, dtype, device, rot, args.compile_ref)
     copy_count = 1 if case.huge else common.rotation_count(int(2.5 * case.numel) * esize, cache_bytes=cache)
-    for name in list(fns) + ["copy"]:
-        if name == "copy":
-            del rot, fns
-            fn = _copy_fn(case, dtype, device, copy_count)
-        else:
-            fn = fns[name]
-        cpu_times: List[float] = []
-        medians[name] = common.median(_time(fn, device, cpu_times=cpu_times, **reps))
-        if cpu_times:
-            cpu[name] = common.median(cpu_times)
-        del fn
+    fns["copy"] = _copy_fn(case, dtype, device, copy_count)
+    if case.huge:
+        rounds, per_round = 3, 1
+    else:
+        rounds, per_round = args.rounds, args.per_round
+    wall, cpu_rounds = _time_rounds(fns, device, rounds=rounds, per_round=per_round,
+                                    cpu_time=_cpu_column(device))
+    del fns, rot
+    medians = {k: common.median(v) for k, v in wall.items()}
+    cpu = {k: common.median(v) for k, v in cpu_rounds.items()}
+    # ratios are paired: per round, then the median (drift cancels)
+    ratios = {k: _paired(v, wall["qvit"]) for k, v in wall.items()}
+    ratios_cpu = {k: _paired(v, cpu_rounds["qvit"]) for k, v in cpu_rounds.items()}
 
     rows = []
-    t_q, t_c = medians["qvit"], medians["copy"]
     for name, t in medians.items():
         gbs = case.numel * ideal / t / 1e9
         row = [case.name, case.layout, f"{case.numel:,}", name, f"{t * 1e3:.3f}"]
         if cpu:
             row.append(f"{cpu[name] * 1e3:.3f}")
-        row += [f"{gbs:.1f}", f"{t_c / t:.0%}", "-" if name in ("qvit", "copy") else f"{t / t_q:.1f}x"]
+        row += [f"{gbs:.1f}", f"{_paired(wall['copy'], wall[name]):.0%}",
+                "-" if name in ("qvit", "copy") else f"{ratios[name]:.1f}x"]
         rows.append(row)
-    return rows, medians, cpu
+    return rows, ratios, ratios_cpu
 
 
 def _print_checks(title: str, m: Dict[str, float]) -> None:
@@ -242,13 +275,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--quick", action="store_true", help="three shapes, shorter timing, no 1 GiB case")
+    p.add_argument("--quick", action="store_true",
+                   help="three shapes, at most 5 rounds of 3, no 1 GiB case")
     p.add_argument("--compile-ref", action="store_true",
                    help="also time the reference under torch.compile (default on CUDA)")
     p.add_argument("--no-huge", action="store_true", help="skip the 1 GiB case")
+    p.add_argument("--rounds", type=int, default=15,
+                   help="rounds of turns (each contender once per round; default 15)")
+    p.add_argument("--per-round", type=int, default=5,
+                   help="timed calls per contender per round (default 5)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch.set_num_threads for every contender (default: torch's choice)")
     args = p.parse_args(argv)
+    if args.rounds < 1 or args.per_round < 1:
+        p.error("--rounds and --per-round must be >= 1")
+    if args.quick:
+        args.rounds, args.per_round = min(args.rounds, 5), min(args.per_round, 3)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.device == "cuda":
@@ -263,10 +305,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"command: python benchmarks/bench_ops.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"dtype {args.dtype}, bits {BITS:g} (signed), ideal bytes/element "
           f"{5 * torch.empty((), dtype=getattr(torch, args.dtype)).element_size()}, "
-          f"fwd+bwd, median of repeats\n")
+          f"fwd+bwd+drop grads, median over {args.rounds} rounds of the round's median "
+          f"of {args.per_round} (contenders take turns)\n")
     cases = QUICK if args.quick else CASES + ([] if args.no_huge else [HUGE])
     header = ["shape", "layout", "elements", "contender", "ms"]
-    if args.device == "cpu":
+    if _cpu_column(args.device):
         header.append("CPU ms")
     header += ["eff. GB/s", "of copy BW", "qvit faster by"]
     target = target_cpu = None
@@ -278,8 +321,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             target, target_cpu = med, cpu
     if target is not None and args.device == "cpu" and args.dtype == "float32":
         _print_checks("Issue targets at 64x197x192 fp32 on the CPU (forward+backward, wall time):", target)
-        _print_checks("The same by process CPU time (steadier on a loaded machine; "
-                      "with >1 thread it includes OpenMP spinning):", target_cpu)
+        if target_cpu:
+            _print_checks("The same by process CPU time (one thread):", target_cpu)
     return 0
 
 
