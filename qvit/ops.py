@@ -182,8 +182,7 @@ def empty_cpu_cache() -> int:
 
 def _out_like(x: Tensor) -> Tensor:
     """A new contiguous tensor of x's shape, dtype and device (y, grad_x)."""
-    if (_cache_on and x.device.type == "cpu"
-            and x.numel() * x.element_size() >= _CACHE_MIN_BYTES):
+    if _cache_on and x.is_cpu and x.nbytes >= _CACHE_MIN_BYTES:
         name = _CACHE_DTYPES.get(x.dtype)
         if name is not None:
             return torch.from_dlpack(_C.cpu_empty(tuple(x.shape), name))
@@ -427,6 +426,12 @@ def _validate(x, scale, bits, offset, signed, dim, bits_range, grad_scale):
         if not (math.isfinite(lsq) and lsq >= 0.0):
             raise ValueError(f"qvit.fake_quant: grad_scale must be finite and >= 0, got {grad_scale}")
 
+    for name, t in (("x", x), ("scale", scale), ("bits", bits), ("offset", offset)):
+        if t is not None and (t.layout is not torch.strided or t.is_nested):
+            kind = "a nested tensor" if t.is_nested else f"layout {t.layout}"
+            raise TypeError(
+                f"qvit.fake_quant: {name} must be a dense (strided) tensor, got {kind}; "
+                "convert it first (e.g. .to_dense(), or quantize each component)")
     xdt = x.dtype
     if xdt not in _X_DTYPES:
         raise TypeError(

@@ -6,12 +6,18 @@ they hold on every device and under torch.compile); checks of parameter
 the CPU kernel, which reads the small parameter tables anyway. The CUDA path
 does not check values: it never reads parameters back to the host.
 """
+import warnings
+
 import pytest
 import torch
 
 from qvit import ops
 
 NAN, INF = float("nan"), float("inf")
+
+with warnings.catch_warnings():   # "Sparse CSR tensor support is in beta state"
+    warnings.simplefilter("ignore", UserWarning)
+    _CSR = torch.randn(4, 6).to_sparse_csr()
 
 
 def args(**over):
@@ -50,6 +56,12 @@ BAD_ARGS = [
      "scale must be float64 for a float64 x"),
     (dict(x=torch.randn(4, 6).half(), scale=torch.full((1, 7), 0.1).half()), TypeError,
      "scale must be float32 for a float16 x"),
+    (dict(x=torch.randn(4, 6).to_sparse()), TypeError,
+     r"x must be a dense \(strided\) tensor, got layout torch.sparse_coo"),
+    (dict(x=_CSR), TypeError, "x must be a dense.*sparse_csr"),
+    (dict(x=torch.randn(4, 6).to_mkldnn()), TypeError, "x must be a dense.*_mkldnn"),
+    (dict(scale=torch.full((1, 7), 0.1).to_sparse()), TypeError, "scale must be a dense"),
+    (dict(offset=torch.zeros(1, 7).to_sparse()), TypeError, "offset must be a dense"),
     (dict(scale=torch.full((1, 7), 0.1, device="meta")), ValueError,
      "scale is on meta but x is on cpu"),
     (dict(bits=torch.tensor([4.0], device="meta")), ValueError, "bits is on meta"),
@@ -135,3 +147,11 @@ def test_missing_extension_message(monkeypatch):
 def test_device_mix_cuda():
     with pytest.raises(ValueError, match="scale is on cuda"):
         call(args(scale=torch.full((1, 7), 0.1, device="cuda")))
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+def test_nested_x_is_refused(layout):
+    nt = torch.nested.nested_tensor([torch.randn(2, 6), torch.randn(3, 6)], layout=layout)
+    with pytest.raises(TypeError, match="x must be a dense .strided. tensor, got a nested tensor"):
+        ops.fake_quant(nt, torch.full((1, 7), 0.1), torch.tensor([4.0]))
