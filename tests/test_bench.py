@@ -4,6 +4,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 from qvit import ops
 
@@ -44,3 +45,37 @@ def test_run_case_rows(case):
     assert names[0] == "qvit" and names[-1] == "copy" and "reference" in names
     assert ("aten" in names) == (case.layout != "per-head")
     assert ratios["qvit"] == 1.0 and all(v > 0 for v in ratios.values())
+
+
+@pytest.mark.timm
+def test_bench_model_smoke(capsys):
+    pytest.importorskip("timm")
+    bench_model = pytest.importorskip("bench_model")
+    rc = bench_model.main(["--batch", "2", "--img-size", "32", "--rounds", "1",
+                           "--per-round", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for name in ("float", "qvit", "reference"):
+        assert f"| {name}" in out
+
+
+def test_bench_model_backend_switch_is_scoped():
+    """The reference contender swaps the quantizers' op only during its step."""
+    bench_model = pytest.importorskip("bench_model")
+    from qvit import quantizer, reference
+    seen = []
+    x, target = torch.randn(2, 4), torch.tensor([0, 2])
+    before = quantizer._BACKEND
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, v):
+            seen.append(quantizer._BACKEND)
+            return self.lin(v)
+
+    step = bench_model._step_fn(Spy(), x, target, budget=None, backend=reference.fake_quant)
+    step()
+    assert seen == [reference.fake_quant] and quantizer._BACKEND is before
