@@ -1279,13 +1279,15 @@ static PyObject *cuda_device_count(PyObject *module, PyObject *unused)
 /* ------------------------------------------------------------------------ */
 /* Pooled CPU outputs (cpu_pool.h) */
 
+/* The legacy (unversioned) DLPack struct: every torch >= 1.x consumes it, the
+ * versioned one only newer releases. */
 typedef struct pool_tensor {
-    DLManagedTensorVersioned mt; /* first: the deleter casts back */
+    DLManagedTensor mt; /* first: the deleter casts back */
     size_t nbytes;
     int64_t shape[];
 } pool_tensor;
 
-static void pool_tensor_deleter(DLManagedTensorVersioned *self)
+static void pool_tensor_deleter(DLManagedTensor *self)
 {
     pool_tensor *pt = (pool_tensor *)self;
     qvit_pool_free(self->dl_tensor.data, pt->nbytes);
@@ -1295,9 +1297,8 @@ static void pool_tensor_deleter(DLManagedTensorVersioned *self)
 /* A capsule nobody consumed still owns its tensor (DLPack's capsule rule). */
 static void pool_capsule_destructor(PyObject *cap)
 {
-    if (PyCapsule_IsValid(cap, "dltensor_versioned")) {
-        DLManagedTensorVersioned *mt =
-            (DLManagedTensorVersioned *)PyCapsule_GetPointer(cap, "dltensor_versioned");
+    if (PyCapsule_IsValid(cap, "dltensor")) {
+        DLManagedTensor *mt = (DLManagedTensor *)PyCapsule_GetPointer(cap, "dltensor");
         if (mt && mt->deleter) {
             mt->deleter(mt);
         }
@@ -1312,7 +1313,7 @@ PyDoc_STRVAR(cpu_empty_doc,
 "\n"
 "A new contiguous CPU tensor of `shape` and `dtype` (\"float32\", \"float16\",\n"
 "\"bfloat16\", \"float64\") backed by qvit's output cache, as an unconsumed\n"
-"\"dltensor_versioned\" capsule for torch.from_dlpack. The\n"
+"\"dltensor\" capsule for torch.from_dlpack. The\n"
 "memory goes back to the cache when the consumer frees it. Contents are\n"
 "unspecified.");
 
@@ -1398,11 +1399,8 @@ static PyObject *cpu_empty(PyObject *module, PyObject *args)
     for (Py_ssize_t i = 0; i < nd; i++) {
         pt->shape[i] = dims[i];
     }
-    pt->mt.version.major = 1;
-    pt->mt.version.minor = 0;
     pt->mt.manager_ctx = NULL;
     pt->mt.deleter = pool_tensor_deleter;
-    pt->mt.flags = 0;
     pt->mt.dl_tensor.data = data;
     pt->mt.dl_tensor.device.device_type = kDLCPU;
     pt->mt.dl_tensor.device.device_id = 0;
@@ -1411,7 +1409,7 @@ static PyObject *cpu_empty(PyObject *module, PyObject *args)
     pt->mt.dl_tensor.shape = pt->shape;
     pt->mt.dl_tensor.strides = NULL;
     pt->mt.dl_tensor.byte_offset = 0;
-    PyObject *cap = PyCapsule_New(&pt->mt, "dltensor_versioned", pool_capsule_destructor);
+    PyObject *cap = PyCapsule_New(&pt->mt, "dltensor", pool_capsule_destructor);
     if (!cap) {
         pool_tensor_deleter(&pt->mt);
         return NULL;

@@ -151,7 +151,7 @@ def set_cpu_cache_limit(nbytes: int) -> int:
         raise ValueError(f"qvit: nbytes must be >= 0, got {nbytes}")
     _require_c()
     old = int(_C.cpu_pool_set_limit(int(nbytes)))
-    _cache_on = nbytes > 0
+    _cache_on = nbytes > 0 and _CACHE_ERROR is None
     return old
 
 
@@ -162,11 +162,13 @@ def cpu_cache_info() -> dict:
         A dict with ``enabled``, ``cached_bytes`` / ``cached_blocks`` (free
         blocks held), ``live_bytes`` (in tensors alive now), ``limit_bytes``,
         ``hits`` and ``misses`` (allocations served from the cache or newly
-        mapped).
+        mapped), and ``unavailable`` (``None``, or why this torch cannot adopt
+        the cache's memory, in which case it stays off).
     """
     _require_c()
     info = dict(_C.cpu_pool_stats())
     info["enabled"] = _cache_on
+    info["unavailable"] = _CACHE_ERROR
     return info
 
 
@@ -198,10 +200,25 @@ def _require_c() -> None:
         )
 
 
+def _probe_cache() -> Optional[str]:
+    """None if torch adopts a cached block (checked once, at import); else why not."""
+    try:
+        t = torch.from_dlpack(_C.cpu_empty((1,), "float32"))
+        if t.shape != (1,) or t.dtype != torch.float32 or not t.is_cpu:
+            return f"torch.from_dlpack gave {t.dtype} {tuple(t.shape)} on {t.device}"
+    except Exception as exc:  # an old torch: outputs then come from torch's allocator
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+_CACHE_ERROR: Optional[str] = None
 if _C is not None:
+    _CACHE_ERROR = _probe_cache()
     _env_limit = _cache_limit_from_env()
     if _env_limit is not None:
         set_cpu_cache_limit(_env_limit)
+    if _CACHE_ERROR is not None:
+        _cache_on = False
 
 
 # ---------------------------------------------------------------------------

@@ -221,3 +221,26 @@ def test_fork_child_can_use_the_cache(cache):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     del keep
+
+
+def test_cache_stays_off_when_torch_cannot_adopt_it(cache, monkeypatch):
+    """An older torch that refuses the capsule: outputs come from torch's allocator."""
+    monkeypatch.setattr(ops, "_CACHE_ERROR", "TypeError: simulated")
+    ops.set_cpu_cache_limit(1 << 30)
+    info = ops.cpu_cache_info()
+    assert not info["enabled"] and info["unavailable"] == "TypeError: simulated"
+    scale, bits = _params()
+    with torch.no_grad():
+        y = ops.fake_quant(torch.randn(BIG), scale, bits)
+    after = ops.cpu_cache_info()
+    assert (after["hits"], after["misses"]) == (info["hits"], info["misses"])
+    monkeypatch.undo()
+    ops.set_cpu_cache_limit(1 << 30)
+    assert ops.cpu_cache_info()["enabled"] and y.shape == BIG
+
+
+def test_probe_reports_a_refusing_torch(monkeypatch):
+    def refuse(_):
+        raise TypeError("unsupported capsule")
+    monkeypatch.setattr(torch, "from_dlpack", refuse)
+    assert ops._probe_cache() == "TypeError: unsupported capsule"
