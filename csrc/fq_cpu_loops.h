@@ -17,18 +17,21 @@
  * prefetch per cache line of a QVIT_LANES block (see fq_cpu.c for why). */
 #ifndef QV_PREFETCH_BLOCK_DEFINED
 #define QV_PREFETCH_BLOCK_DEFINED
-#define QV_PREFETCH_BLOCK(p)                                                             \
-    do {                                                                                 \
-        for (size_t pf_ = 0; pf_ < QVIT_LANES * sizeof(*(p)); pf_ += 64) {               \
-            __builtin_prefetch((const char *)(p) + QVIT_PREFETCH_BYTES + pf_, 0, 3);     \
-        }                                                                                \
-    } while (0)
+#define QV_PREFETCH_BLOCK(p) QV_PREFETCH_AT(p, QVIT_PREFETCH_BYTES / (int64_t)sizeof(*(p)))
 /* Prefetch of one QVIT_LANES block at p + ahead elements (the rows loops). */
 #define QV_PREFETCH_AT(p, ahead)                                                         \
     do {                                                                                 \
         for (size_t pf_ = 0; pf_ < QVIT_LANES * sizeof(*(p)); pf_ += 64) {               \
             __builtin_prefetch((const char *)((p) + (ahead)) + pf_, 0, 3);               \
         }                                                                                \
+    } while (0)
+/* The same columns j0.. of the next four rows (ahead = 4 rows) of streams p0..p3. */
+#define QV_PREFETCH_ROWS4(p0, p1, p2, p3, j0, ahead)                                     \
+    do {                                                                                 \
+        QV_PREFETCH_AT((p0) + (j0), ahead);                                              \
+        QV_PREFETCH_AT((p1) + (j0), ahead);                                              \
+        QV_PREFETCH_AT((p2) + (j0), ahead);                                              \
+        QV_PREFETCH_AT((p3) + (j0), ahead);                                              \
     } while (0)
 #endif
 
@@ -70,11 +73,7 @@ QV_TARGET static inline void QV_NAME(fwd_row4)(
     } while (0)
     int64_t j0 = 0;
     for (; j0 + QVIT_LANES <= w; j0 += QVIT_LANES) {
-        /* the same columns of the next four rows */
-        QV_PREFETCH_AT(x0 + j0, ahead);
-        QV_PREFETCH_AT(x1 + j0, ahead);
-        QV_PREFETCH_AT(x2 + j0, ahead);
-        QV_PREFETCH_AT(x3 + j0, ahead);
+        QV_PREFETCH_ROWS4(x0, x1, x2, x3, j0, ahead);
         for (int64_t j = j0; j < j0 + QVIT_LANES; j++) {
             QV_FWD_COL4(j);
         }
@@ -184,15 +183,8 @@ QV_TARGET static inline void QV_NAME(bwd_row4)(
     } while (0)
     int64_t j0 = 0;
     for (; j0 + QVIT_LANES <= w; j0 += QVIT_LANES) {
-        /* the same columns of the next four rows */
-        QV_PREFETCH_AT(x0 + j0, ahead);
-        QV_PREFETCH_AT(x1 + j0, ahead);
-        QV_PREFETCH_AT(x2 + j0, ahead);
-        QV_PREFETCH_AT(x3 + j0, ahead);
-        QV_PREFETCH_AT(u0 + j0, ahead);
-        QV_PREFETCH_AT(u1 + j0, ahead);
-        QV_PREFETCH_AT(u2 + j0, ahead);
-        QV_PREFETCH_AT(u3 + j0, ahead);
+        QV_PREFETCH_ROWS4(x0, x1, x2, x3, j0, ahead);
+        QV_PREFETCH_ROWS4(u0, u1, u2, u3, j0, ahead);
         for (int64_t j = j0; j < j0 + QVIT_LANES; j++) {
             QV_BWD_COL4(j);
         }
