@@ -20,6 +20,7 @@
 #      emulation tests need no GPU and run in CI)
 #   5. benchmarks/bench_ops.py --device cuda --quick, fp32 and bf16
 #   6. compute-sanitizer memcheck + racecheck on small shapes (if present and time allows)
+#   6b. benchmarks/bench_model.py --device cuda (if timm is installed and time allows)
 #   7. summary table
 set -uo pipefail
 
@@ -304,6 +305,18 @@ if [ -n "$SANITIZER" ] && [ $((SECONDS - T0)) -lt 330 ]; then
     grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|Invalid|Race' "$LOGDIR/memcheck.log" "$LOGDIR/racecheck.log" 2>/dev/null | head -10
 fi
 
+# ---------------------------------------------------------------- 6b. one QAT step
+# What fake quantization adds to a DeiT-Tiny training step on the GPU, eager:
+# the per-call overhead of ~150 quantizer calls shows here, not in bench_ops.
+if "$PY" -c "import timm" 2>/dev/null && [ $((SECONDS - T0)) -lt "$BUDGET" ]; then
+    step "bench_model.py --device cuda --batch 64"
+    timeout 90 "$PY" benchmarks/bench_model.py --device cuda --batch 64 --rounds 3 \
+        > "$LOGDIR/bench_model.log" 2>&1 || echo "bench_model.py exited with $? (timeout = 124)"
+    tail -n 6 "$LOGDIR/bench_model.log" | cut -c1-200
+else
+    echo "skipping bench_model.py (no timm, or past the ${BUDGET}s budget)" | tee "$LOGDIR/bench_model.log"
+fi
+
 # ---------------------------------------------------------------- 7. summary
 step "summary"
 "$PY" - "$LOGDIR" > "$LOGDIR/summary.txt" 2>&1 <<'PYEOF'
@@ -381,6 +394,7 @@ for dt in ("float32", "bfloat16"):
 print("\n".join(lines))
 PYEOF
 echo "compute-sanitizer: $SAN_RC (0 = clean, 3 = errors, 124 = timeout)" >> "$LOGDIR/summary.txt"
+grep -E '^\| (float|qvit|reference) ' "$LOGDIR/bench_model.log" 2>/dev/null | sed 's/^/QAT step: /' >> "$LOGDIR/summary.txt"
 cat "$LOGDIR/summary.txt"
 echo "total $((SECONDS - T0)) s"
 copy_logs
