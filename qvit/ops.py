@@ -9,9 +9,10 @@ Three layers live here, and this is the only Python file that touches
 ``qvit._C``:
 
 * two ``torch.library`` ops, ``qvit::fq_forward`` and ``qvit::fq_backward``,
-  with CPU and CUDA kernels (outputs allocated by torch, the data handed to
-  ``qvit._C`` through DLPack) and fake kernels, so ``torch.compile`` traces
-  them without graph breaks;
+  with CPU and CUDA kernels (outputs allocated by torch, or, for large CPU
+  outputs, taken from qvit's output cache; the data handed to ``qvit._C``
+  through DLPack) and fake kernels, so ``torch.compile`` traces them without
+  graph breaks;
 * an ``autograd.Function`` outside the ops (measured cheaper than registering
   autograd on the op; see DESIGN.md and the engineering notes);
 * :func:`fake_quant`, the public entry point, which validates its arguments in
