@@ -580,6 +580,10 @@ static int parse_signed(PyObject *obj, int32_t *out)
     }
     int t = PyObject_IsTrue(obj);
     if (t < 0) {
+        /* e.g. a NumPy array of several elements: say which argument */
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "qvit: signed must be a bool, got %s with no single "
+                     "truth value", Py_TYPE(obj)->tp_name);
         return -1;
     }
     *out = t;
