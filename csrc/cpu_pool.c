@@ -74,16 +74,23 @@ static void *map_block(size_t n)
     return p;
 }
 
+/* Takes free block i out of the list (lock held). */
+static pool_block take_locked(int i)
+{
+    pool_block b = g_free[i];
+    memmove(&g_free[i], &g_free[i + 1], (size_t)(g_nfree - 1 - i) * sizeof g_free[0]);
+    g_nfree--;
+    g_cached -= b.n;
+    return b;
+}
+
 /* Drops the oldest free blocks until the cache fits `limit` (lock held);
  * returns them in out[] for unmapping outside the lock. */
 static int evict_locked(uint64_t limit, pool_block *out)
 {
     int k = 0;
     while (g_nfree > 0 && g_cached > limit) {
-        out[k++] = g_free[0];
-        g_cached -= g_free[0].n;
-        memmove(&g_free[0], &g_free[1], (size_t)(g_nfree - 1) * sizeof g_free[0]);
-        g_nfree--;
+        out[k++] = take_locked(0);
     }
     return k;
 }
@@ -105,10 +112,7 @@ void *qvit_pool_alloc(size_t nbytes)
     pthread_mutex_lock(&g_lock);
     for (int i = g_nfree - 1; i >= 0; i--) {
         if (g_free[i].n == n) {
-            void *p = g_free[i].p;
-            memmove(&g_free[i], &g_free[i + 1], (size_t)(g_nfree - 1 - i) * sizeof g_free[0]);
-            g_nfree--;
-            g_cached -= n;
+            void *p = take_locked(i).p;
             g_live += n;
             g_hits++;
             pthread_mutex_unlock(&g_lock);
@@ -149,11 +153,7 @@ void qvit_pool_free(void *block, size_t nbytes)
         return;
     }
     if (g_nfree == POOL_MAX_CACHED) {
-        /* full: the oldest goes */
-        local[k++] = g_free[0];
-        g_cached -= g_free[0].n;
-        memmove(&g_free[0], &g_free[1], (size_t)(g_nfree - 1) * sizeof g_free[0]);
-        g_nfree--;
+        local[k++] = take_locked(0); /* full: the oldest goes */
     }
     g_free[g_nfree].p = block;
     g_free[g_nfree].n = n;
