@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import random
 import sys
 from typing import Callable, Dict, List, Optional
 
@@ -80,22 +79,6 @@ def build(args) -> Dict[str, Callable[[], None]]:
     }
 
 
-def time_rounds(fns: Dict[str, Callable[[], None]], device: str, rounds: int,
-                per_round: int) -> Dict[str, List[float]]:
-    rng = random.Random(0)
-    names = list(fns)
-    out: Dict[str, List[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        rng.shuffle(names)
-        for name in names:
-            if device == "cuda":
-                t = common.time_cuda(fns[name], warmup=1, repeats=per_round)
-            else:
-                t = common.time_cpu(fns[name], warmup=1, repeats=per_round)
-            out[name].append(common.median(t))
-    return out
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="deit_tiny_patch16_224")
@@ -123,11 +106,12 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"one SGD step; median over {args.rounds} rounds of the round's median of "
           f"{args.per_round}\n")
     fns = build(args)
-    wall = time_rounds(fns, args.device, args.rounds, args.per_round)
+    wall, _ = common.time_rounds(fns, args.device, rounds=args.rounds,
+                                 per_round=args.per_round)
     rows = []
     for name, ts in wall.items():
-        vs_float = common.median([a / b for a, b in zip(ts, wall["float"])])
-        vs_qvit = common.median([a / b for a, b in zip(ts, wall["qvit"])])
+        vs_float = common.paired(ts, wall["float"])
+        vs_qvit = common.paired(ts, wall["qvit"])
         rows.append([name, f"{common.median(ts) * 1e3:.1f}", f"{vs_float:.2f}x",
                      "-" if name == "qvit" else f"{vs_qvit:.2f}x"])
     print(common.markdown_table(["contender", "step ms", "vs float", "vs qvit"], rows))

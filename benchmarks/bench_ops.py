@@ -43,7 +43,6 @@ import argparse
 import dataclasses
 import math
 import os
-import random
 import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -184,40 +183,11 @@ def _validate(case: Case, dtype, device):
         raise SystemExit(f"bench_ops: qvit disagrees with the reference on {case.name}")
 
 
-def _time_rounds(fns: Dict[str, Callable[[], None]], device: str, *, rounds: int,
-                 per_round: int, cpu_time: bool = False,
-                 seed: int = 0) -> Tuple[Dict[str, List[float]], Dict[str, List[float]]]:
-    """Each round's median time (and CPU time) per contender, rounds in order."""
-    rng = random.Random(seed)
-    wall: Dict[str, List[float]] = {k: [] for k in fns}
-    cpu: Dict[str, List[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for _ in range(rounds):
-        rng.shuffle(names)
-        for name in names:
-            fn = fns[name]
-            if device == "cuda":
-                t = common.time_cuda(fn, warmup=1, repeats=per_round)
-            elif cpu_time:
-                c: List[float] = []
-                t = common.time_cpu(fn, warmup=1, repeats=per_round, cpu_times=c)
-                cpu[name].append(common.median(c))
-            else:
-                t = common.time_cpu(fn, warmup=1, repeats=per_round)
-            wall[name].append(common.median(t))
-    return wall, {k: v for k, v in cpu.items() if v}
-
-
 def _cpu_column(device: str) -> bool:
     # Linux charges another thread's CPU time to the process clock in bursts
     # (at its ticks and switches), so with 2+ threads one call's process time
     # ranged from 1x to 8.5x its wall time here: only one thread is measurable.
     return device == "cpu" and torch.get_num_threads() == 1
-
-
-def _paired(num: List[float], den: List[float]) -> float:
-    """Median over rounds of num/den, the two timed in the same round."""
-    return common.median([a / b for a, b in zip(num, den)])
 
 
 def run_case(case: Case, args) -> Tuple[List[List[str]], Dict[str, float], Dict[str, float]]:
@@ -238,14 +208,14 @@ def run_case(case: Case, args) -> Tuple[List[List[str]], Dict[str, float], Dict[
         rounds, per_round = 3, 1
     else:
         rounds, per_round = args.rounds, args.per_round
-    wall, cpu_rounds = _time_rounds(fns, device, rounds=rounds, per_round=per_round,
+    wall, cpu_rounds = common.time_rounds(fns, device, rounds=rounds, per_round=per_round,
                                     cpu_time=_cpu_column(device))
     del fns, rot
     medians = {k: common.median(v) for k, v in wall.items()}
     cpu = {k: common.median(v) for k, v in cpu_rounds.items()}
     # ratios are paired: per round, then the median (drift cancels)
-    ratios = {k: _paired(v, wall["qvit"]) for k, v in wall.items()}
-    ratios_cpu = {k: _paired(v, cpu_rounds["qvit"]) for k, v in cpu_rounds.items()}
+    ratios = {k: common.paired(v, wall["qvit"]) for k, v in wall.items()}
+    ratios_cpu = {k: common.paired(v, cpu_rounds["qvit"]) for k, v in cpu_rounds.items()}
 
     rows = []
     for name, t in medians.items():
@@ -253,7 +223,7 @@ def run_case(case: Case, args) -> Tuple[List[List[str]], Dict[str, float], Dict[
         row = [case.name, case.layout, f"{case.numel:,}", name, f"{t * 1e3:.3f}"]
         if cpu:
             row.append(f"{cpu[name] * 1e3:.3f}")
-        row += [f"{gbs:.1f}", f"{_paired(wall['copy'], wall[name]):.0%}",
+        row += [f"{gbs:.1f}", f"{common.paired(wall['copy'], wall[name]):.0%}",
                 "-" if name in ("qvit", "copy") else f"{ratios[name]:.1f}x"]
         rows.append(row)
     return rows, ratios, ratios_cpu

@@ -11,11 +11,12 @@ import datetime
 import math
 import os
 import platform
+import random
 import re
 import statistics
 import subprocess
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -128,3 +129,35 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(r) for r in rows]
     return "\n".join(out)
+
+
+def time_rounds(fns: Dict[str, Callable[[], None]], device: str, *, rounds: int,
+                per_round: int, cpu_time: bool = False,
+                seed: int = 0) -> Tuple[Dict[str, List[float]], Dict[str, List[float]]]:
+    """Contenders taking turns: each round runs every contender, in a shuffled
+    order, for one untimed call and ``per_round`` timed ones. Returns each
+    round's median wall time (and, with ``cpu_time``, process CPU time) per
+    contender, rounds in order."""
+    rng = random.Random(seed)
+    wall: Dict[str, List[float]] = {k: [] for k in fns}
+    cpu: Dict[str, List[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for _ in range(rounds):
+        rng.shuffle(names)
+        for name in names:
+            fn = fns[name]
+            if device == "cuda":
+                t = time_cuda(fn, warmup=1, repeats=per_round)
+            elif cpu_time:
+                c: List[float] = []
+                t = time_cpu(fn, warmup=1, repeats=per_round, cpu_times=c)
+                cpu[name].append(median(c))
+            else:
+                t = time_cpu(fn, warmup=1, repeats=per_round)
+            wall[name].append(median(t))
+    return wall, {k: v for k, v in cpu.items() if v}
+
+
+def paired(num: List[float], den: List[float]) -> float:
+    """Median over rounds of num/den, the two timed in the same round."""
+    return median([a / b for a, b in zip(num, den)])

@@ -17,13 +17,13 @@ pytestmark = pytest.mark.skipif(ops._C is None, reason="qvit._C not built")
 
 def test_paired_ratio_is_the_median_of_per_round_ratios():
     # round 2 is a slow spell for both: the paired ratio ignores it
-    assert bench_ops._paired([2.0, 20.0, 4.0], [1.0, 10.0, 1.0]) == 2.0
+    assert bench_ops.common.paired([2.0, 20.0, 4.0], [1.0, 10.0, 1.0]) == 2.0
 
 
 def test_rounds_interleave_and_count_calls():
     calls = []
     fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
-    wall, cpu = bench_ops._time_rounds(fns, "cpu", rounds=3, per_round=2)
+    wall, cpu = bench_ops.common.time_rounds(fns, "cpu", rounds=3, per_round=2)
     assert sorted(wall) == ["a", "b"] and all(len(v) == 3 for v in wall.values())
     assert calls.count("a") == calls.count("b") == 3 * (1 + 2)   # warm-up + timed
     # each round runs one contender's calls together, then the other's
