@@ -38,7 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import qvit  # noqa: E402
-from qvit import ops, quantizer, reference  # noqa: E402
+from qvit.nn import quantizer
+from qvit.ops import reference, torch_ops as ops  # noqa: E402
 
 
 def _step_fn(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, *,

@@ -51,7 +51,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from qvit import ops, reference  # noqa: E402
+from qvit.ops import reference, torch_ops as ops  # noqa: E402
 
 BITS = 4.0
 BITS_RANGE = (2, 8)

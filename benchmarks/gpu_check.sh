@@ -80,7 +80,7 @@ if ! QVIT_CUDA=1 QVIT_CUDA_ARCHS="$ARCHS" timeout 300 "$PY" setup.py build_ext -
 fi
 grep -E '^qvit: (built|/|.*nvcc)' "$LOGDIR/build.log" | cut -c1-240
 "$PY" -c "
-from qvit import ops
+from qvit.ops import torch_ops as ops
 info = ops.backend_info()
 print(info)
 assert info['c_loaded'] and info['cuda_built'] and info['cuda_devices'] > 0, info
@@ -100,7 +100,7 @@ step "kernel benchmark (CUDA graphs + eager, vs D2D copy and ATen)"
 timeout 150 "$PY" - > "$LOGDIR/kernel_bench.log" 2>&1 <<'PYEOF'
 import json, math, statistics, sys, time
 import torch
-from qvit import ops, reference
+from qvit.ops import reference, torch_ops as ops
 
 dev = torch.device("cuda")
 prop = torch.cuda.get_device_properties(0)

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # make tests/helpers.py importable
 
-from qvit import ops, reference  # noqa: E402
+from qvit.ops import reference, torch_ops as ops  # noqa: E402
 
 _INFO = ops.backend_info()
 

@@ -32,7 +32,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from qvit import reference
+from qvit.ops import reference
 
 TIE_MARGIN = 0.05
 

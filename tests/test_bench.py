@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from qvit import ops
+from qvit.ops import torch_ops as ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -62,7 +62,8 @@ def test_bench_model_smoke(capsys):
 def test_bench_model_backend_switch_is_scoped():
     """The reference contender swaps the quantizers' op only during its step."""
     bench_model = pytest.importorskip("bench_model")
-    from qvit import quantizer, reference
+    from qvit.nn import quantizer
+    from qvit.ops import reference
     seen = []
     x, target = torch.randn(2, 4), torch.tensor([0, 2])
     before = quantizer._BACKEND

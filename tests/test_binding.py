@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from qvit import ops, reference
+from qvit.ops import reference, torch_ops as ops
 
 _C = pytest.importorskip("qvit._C")
 

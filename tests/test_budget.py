@@ -14,11 +14,11 @@ import torch
 timm = pytest.importorskip("timm")
 
 import qvit  # noqa: E402
-from qvit.budget import (average_bits, bitops, budget_loss, freeze_bits, model_size_bits,  # noqa: E402
+from qvit.models.budget import (average_bits, bitops, budget_loss, freeze_bits, model_size_bits,  # noqa: E402
                          uniform_bitops, uniform_size_bits)
-from qvit.config import preset  # noqa: E402
-from qvit.convert import calibrate, clamp_bits_, quantize_model, quantizers, set_quantizers_enabled  # noqa: E402
-from qvit.report import Report, plot_bits, report  # noqa: E402
+from qvit.nn.config import preset  # noqa: E402
+from qvit.models.convert import calibrate, clamp_bits_, quantize_model, quantizers, set_quantizers_enabled  # noqa: E402
+from qvit.models.report import Report, plot_bits, report  # noqa: E402
 
 pytestmark = [pytest.mark.timm, pytest.mark.filterwarnings("ignore:qvit._C is not available")]
 

@@ -13,8 +13,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from test_data import make_folder  # noqa: E402
 
-from qvit import checkpoint as ckpt_io  # noqa: E402
-from qvit.cli import main, parse_train_args  # noqa: E402
+from qvit.models import checkpoint as ckpt_io  # noqa: E402
+from qvit.train.cli import main, parse_train_args  # noqa: E402
 
 pytestmark = pytest.mark.timm
 
@@ -94,8 +94,8 @@ def test_report_and_plot(qat_run, tmp_path, capsys):
 
 
 def test_export_cli_roundtrip(qat_run, tmp_path, capsys):
-    from qvit.export import load_exported
-    from qvit.train import model_from_checkpoint
+    from qvit.models.export import load_exported
+    from qvit.models.recipe import model_from_checkpoint
 
     path = tmp_path / "m.safetensors"
     rc, out, err = run(capsys, "export", os.path.join(qat_run, "last.pth"), path)
@@ -166,9 +166,9 @@ def test_float_then_qat_with_distillation(data, tmp_path):
 def test_param_groups_skip_weight_decay():
     import timm
 
-    from qvit.config import preset
-    from qvit.convert import quantize_model
-    from qvit.train import param_groups
+    from qvit.nn.config import preset
+    from qvit.models.convert import quantize_model
+    from qvit.train.loop import param_groups
 
     m = timm.create_model("deit_tiny_patch16_224", img_size=8, patch_size=4, embed_dim=24,
                           depth=1, num_heads=3, num_classes=3)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import assert_bitwise, make_params, tie_free_input
-from qvit import ops
+from qvit.ops import torch_ops as ops
 
 
 def _inputs(seed=0):

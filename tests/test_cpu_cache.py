@@ -15,7 +15,7 @@ import threading
 import pytest
 import torch
 
-from qvit import ops, reference
+from qvit.ops import reference, torch_ops as ops
 
 pytestmark = pytest.mark.skipif(ops._C is None, reason="qvit._C not built")
 
@@ -189,16 +189,16 @@ def _run(env_value, code):
 
 
 def test_env_limit():
-    r = _run("64", "from qvit import ops; i = ops.cpu_cache_info(); "
+    r = _run("64", "from qvit.ops import torch_ops as ops; i = ops.cpu_cache_info(); "
                    "print(i['limit_bytes'], i['enabled'])")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [str(64 * MIB), "True"]
-    r = _run("0", "from qvit import ops; print(ops.cpu_cache_info()['enabled'])")
+    r = _run("0", "from qvit.ops import torch_ops as ops; print(ops.cpu_cache_info()['enabled'])")
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
 
 
 def test_env_limit_bad_value():
-    r = _run("lots", "from qvit import ops")
+    r = _run("lots", "from qvit.ops import torch_ops as ops")
     assert r.returncode != 0
     assert "QVIT_CPU_CACHE_MB must be a non-negative integer" in r.stderr
 
@@ -208,7 +208,7 @@ def test_fork_child_can_use_the_cache(cache):
     keep = torch.from_dlpack(ops._C.cpu_empty(BIG, "float32"))
     code = (
         "import os, torch\n"
-        "from qvit import ops\n"
+        "from qvit.ops import torch_ops as ops\n"
         "t = torch.from_dlpack(ops._C.cpu_empty((64, 197, 192), 'float32'))\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"

@@ -30,7 +30,7 @@ import torch
 from conftest import SKIP_REASON
 from helpers import (assert_bitwise, assert_close_tol, grad_tolerances, make_params,
                      tie_free_input)
-from qvit import ops, reference
+from qvit.ops import reference, torch_ops as ops
 
 _NO_CUDA = SKIP_REASON["cuda"]
 needs_cuda = pytest.mark.skipif(_NO_CUDA is not None, reason=f"CUDA tests: {_NO_CUDA}")

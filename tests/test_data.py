@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qvit.data import (DataError, LoaderConfig, _Shard, check_image_folder, create_loader,
+from qvit.train.data import (DataError, LoaderConfig, _Shard, check_image_folder, create_loader,
                        eval_folder, set_epoch)
 
 
@@ -130,7 +130,7 @@ def test_shard_partitions_without_padding():
 
 def test_digits_folder_written_once_and_stratified(tmp_path):
     pytest.importorskip("sklearn")
-    from qvit.demo import write_digits_folder
+    from qvit.train.demo import write_digits_folder
 
     root = write_digits_folder(str(tmp_path / "digits"))
     info = check_image_folder(root)
@@ -162,8 +162,8 @@ def test_demo_end_to_end_tiny(tmp_path, monkeypatch):
     pytest.importorskip("sklearn")
     import csv
 
-    from qvit import demo
-    from qvit.cli import main
+    from qvit.train import demo
+    from qvit.train.cli import main
 
     monkeypatch.setattr(demo, "MODEL_KWARGS", ["patch_size=4", "embed_dim=24", "depth=1",
                                                "num_heads=3"])

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_cli import TINY  # noqa: E402
 from test_data import make_folder  # noqa: E402
 
-from qvit import checkpoint as ckpt_io  # noqa: E402
+from qvit.models import checkpoint as ckpt_io  # noqa: E402
 
 pytestmark = pytest.mark.timm
 
@@ -35,9 +35,9 @@ def _broadcast_worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         import timm
 
-        from qvit.convert import calibrate, quantize_model
-        from qvit.config import preset
-        from qvit.distributed import broadcast_module
+        from qvit.models.convert import calibrate, quantize_model
+        from qvit.nn.config import preset
+        from qvit.train.distributed import broadcast_module
 
         torch.manual_seed(100 + rank)  # every rank starts different
         m = timm.create_model("deit_tiny_patch16_224", img_size=8, patch_size=4, embed_dim=24,

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from qvit.export import (CODES_SUFFIX, ExportError, decode_codes, export, load_exported,
+from qvit.models.export import (CODES_SUFFIX, ExportError, decode_codes, export, load_exported,
                          read_config, weight_codes)
 
 pytestmark = pytest.mark.timm
@@ -17,8 +17,8 @@ INFO = {"name": "deit_tiny_patch16_224",
 
 
 def _model(preset_name: str, seed: int = 0, perturb_bits: bool = False):
-    from qvit.convert import calibrate, quantizers
-    from qvit.train import apply_quant, create_model
+    from qvit.models.convert import calibrate, quantizers
+    from qvit.models.recipe import apply_quant, create_model
 
     torch.manual_seed(seed)
     m = create_model(INFO["name"], dict(INFO["kwargs"]))
@@ -63,7 +63,7 @@ def test_codes_are_integers_in_range_and_decode_to_fake_quant():
         codes = weight_codes(mod, q)
         assert codes.dtype == torch.int8 and codes.shape == mod.weight.shape
         # per group: codes inside [Qn, Qp] of that group's rounded bit-width
-        from qvit.reference import group_shape
+        from qvit.ops.reference import group_shape
         outer, g, inner = group_shape(tuple(codes.shape), q.dim, q.groups)
         cv = codes.reshape(outer, g, inner).float()
         b = q.rounded_bits()

@@ -1,7 +1,7 @@
 """Hardening of the native layer: non-finite values, sizes at and beyond 2^31,
 hand-built DLPack tensors, threads, leaks.
 
-Non-finite behaviour (pinned in qvit/reference.py and csrc/fq_math.h, held
+Non-finite behaviour (pinned in qvit/ops/reference.py and csrc/fq_math.h, held
 here for the kernels against the reference closed forms):
 
 * NaN in x gives NaN in y and in grad_x at that element only, and NaN in the
@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 
-from qvit import ops, reference
+from qvit.ops import reference, torch_ops as ops
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fuzz"))
 from dlpack_raw import RawTensor  # noqa: E402
@@ -501,7 +501,7 @@ def test_op_passes_torch_thread_count(monkeypatch):
 
 _THREAD_PROBE = r"""
 import os, sys, torch
-from qvit import ops
+from qvit.ops import torch_ops as ops
 def tasks():
     return len(os.listdir("/proc/self/task"))
 torch.set_num_threads(int(sys.argv[1]))

@@ -14,8 +14,8 @@ import torch
 
 timm = pytest.importorskip("timm")
 
-from qvit.config import QuantizerConfig, QViTConfig, preset  # noqa: E402
-from qvit.convert import (calibrate, dequantize_model, quantize_model, quantizers,  # noqa: E402
+from qvit.nn.config import QuantizerConfig, QViTConfig, preset  # noqa: E402
+from qvit.models.convert import (calibrate, dequantize_model, quantize_model, quantizers,  # noqa: E402
                           set_quantizers_enabled)
 from qvit.nn import QAttention, QConv2d, QLinear, QWindowAttention  # noqa: E402
 

@@ -18,7 +18,7 @@ from helpers import (LAYOUTS, assert_bitwise, assert_close_tol, decode,
                      grad_tolerances, make_params, surrogate_gradcheck, tie_and_edge_cases,
                      tie_free_input)
 from conftest import IMPLS, SKIP_REASON
-from qvit import ops, reference
+from qvit.ops import reference, torch_ops as ops
 
 IMPLS_CPU = IMPLS["cpu"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from qvit import ops
+from qvit.ops import torch_ops as ops
 
 NAN, INF = float("nan"), float("inf")
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qvit import reference
-from qvit.config import PRESETS, QuantizerConfig, QViTConfig, preset
-from qvit.quantizer import Quantizer, fused_fake_quant, mse_fit
+from qvit.ops import reference
+from qvit.nn.config import PRESETS, QuantizerConfig, QViTConfig, preset
+from qvit.nn.quantizer import Quantizer, fused_fake_quant, mse_fit
 
 pytestmark = pytest.mark.filterwarnings("ignore:qvit._C is not available")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import LAYOUTS, decode, make_params, surrogate_gradcheck, tie_free_input
-from qvit import reference
+from qvit.ops import reference
 
 LN2 = math.log(2.0)
 K = 7  # bits_range (2, 8)

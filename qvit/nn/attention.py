@@ -24,8 +24,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..config import QuantizerConfig
-from ..quantizer import Quantizer, fused_fake_quant
+from .config import QuantizerConfig
+from .quantizer import Quantizer, fused_fake_quant
 from ._adopt import adopt, to_float
 from .linear import BitsFn, QLinear, group_bits
 

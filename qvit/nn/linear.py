@@ -5,7 +5,7 @@ float module's weight and bias Parameters, so timm code that inspects them keeps
 working and checkpoints load. The matmul itself stays a float matmul of
 fake-quantized operands (quantization-aware training).
 
-Bit accounting (used by :mod:`qvit.budget`): a layer records the number of
+Bit accounting (used by :mod:`qvit.models.budget`): a layer records the number of
 output positions of its latest forward; BitOPs = MACs x b_w x b_a summed over
 weight rows / columns and input channels, with a disabled or absent
 quantizer counted at 32 bits.
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import QuantizerConfig
-from ..quantizer import Quantizer
+from .config import QuantizerConfig
+from .quantizer import Quantizer
 from ._adopt import adopt, to_float
 
 __all__ = ["QLinear", "QConv2d", "FLOAT_BITS", "group_bits"]

@@ -127,7 +127,7 @@ class Emulated:
             device=0):
         """Forward and backward through the CUDA launchers; returns (y, gx, gs, gb, go)."""
         import torch
-        from qvit import reference
+        from qvit.ops import reference
         dt = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[x.dtype]
         outer, g, inner = reference.group_shape(x.shape, dim, bits.numel())
         assert x.is_contiguous() and gy.is_contiguous()

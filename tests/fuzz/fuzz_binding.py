@@ -56,7 +56,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dlpack_raw import KDL_CPU, RawTensor  # noqa: E402
 
-from qvit import ops, reference  # noqa: E402
+from qvit.ops import reference, torch_ops as ops  # noqa: E402
 
 try:
     from qvit import _C  # noqa: E402

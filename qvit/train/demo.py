@@ -110,14 +110,14 @@ def _passthrough(args) -> List[str]:
 
 def _run(argv: List[str]):
     from .cli import parse_train_args
-    from .train import train
+    from .loop import train
 
     return train(parse_train_args(argv))
 
 
 def _float_costs(qmodel):
     """BitOPs and size of the float model: every operand at 32 bits."""
-    from .budget import uniform_bitops, uniform_size_bits
+    from ..models.budget import uniform_bitops, uniform_size_bits
 
     return (uniform_bitops(qmodel, 32, first_last_bits=32) / 1e9,
             uniform_size_bits(qmodel, 32, first_last_bits=32) / 8 / 1024)
@@ -127,8 +127,8 @@ def run_demo(args) -> List[dict]:
     """The embedded default of `qvit train`: float, W4A4, W3A3, Q-ViT mixed."""
     import torch
 
-    from .budget import average_bits, bitops, model_size_bits
-    from .report import plot_bits, report
+    from ..models.budget import average_bits, bitops, model_size_bits
+    from ..models.report import plot_bits, report
 
     out = args.output or os.path.join("output", "demo")
     os.makedirs(out, exist_ok=True)

@@ -24,8 +24,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .. import ops
 from .config import QuantizerConfig
-from . import ops
 
 __all__ = ["Quantizer", "ste_bits", "mse_fit", "fused_fake_quant", "fake_quant"]
 
@@ -52,7 +52,7 @@ def fake_quant(x, scale, bits, offset=None, **kw):
             _BACKEND = ops.fake_quant
         else:
             import warnings
-            from . import reference
+            from ..ops import reference
             warnings.warn("qvit._C is not available (%s); quantizers run on the pure-PyTorch "
                           "reference op" % info.get("c_import_error"), RuntimeWarning, stacklevel=3)
             _BACKEND = reference.fake_quant
@@ -144,7 +144,7 @@ class Quantizer(nn.Module):
     """Learnable fake quantizer of one site.
 
     Args:
-        config: the :class:`~qvit.config.QuantizerConfig`.
+        config: the :class:`~qvit.nn.config.QuantizerConfig`.
         groups: ``G``, the number of bit-width groups.
         dim: the dimension of the input split into ``G`` equal contiguous groups.
         first_last: marks a patch-embed / classifier quantizer (for budgets and reports).
@@ -240,7 +240,7 @@ class Quantizer(nn.Module):
     # ------------------------------------------------------------------ init
     def _grouped(self, x: Tensor) -> Tensor:
         """``x`` as ``[Gs, M]`` rows, one per scale-table row, sub-sampled."""
-        from .reference import group_shape
+        from ..ops.reference import group_shape
         x = x.detach()
         outer, g, inner = group_shape(x.shape, self.dim, self.groups)
         xv = x.reshape(outer, g, inner).transpose(0, 1).reshape(g, outer * inner)

@@ -8,7 +8,7 @@ project ships.
 
 Example::
 
-    >>> from qvit.config import preset
+    >>> from qvit.nn.config import preset
     >>> cfg = preset("qvit_mixed")
     >>> cfg.attn.learn_bits, cfg.head_wise
     (True, True)

@@ -18,7 +18,7 @@ Three layers live here, and this is the only Python file that touches
 * :func:`fake_quant`, the public entry point, which validates its arguments in
   Python before anything reaches the dispatcher.
 
-The pure-PyTorch executable spec is :mod:`qvit.reference`; tests hold the
+The pure-PyTorch executable spec is :mod:`qvit.ops.reference`; tests hold the
 kernels to it.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ _C_API = ("fq_forward", "fq_backward", "fq_workspace_bytes", "set_exchange_api",
           "cuda_built", "cuda_device_count", "cpu_empty", "cpu_pool_stats",
           "cpu_pool_release", "cpu_pool_set_limit")
 try:
-    from . import _C
+    from .. import _C
     _C_IMPORT_ERROR: Optional[str] = None
     _missing = [name for name in _C_API if not hasattr(_C, name)]
     if _missing:  # a stale or partial build: treat it as absent, say why
@@ -197,7 +197,7 @@ def _require_c() -> None:
         raise RuntimeError(
             "qvit: the compiled extension qvit._C could not be imported "
             f"({_C_IMPORT_ERROR}); rebuild it with `pip install -e .` "
-            "(or use qvit.reference.fake_quant)"
+            "(or use qvit.ops.reference.fake_quant)"
         )
 
 

@@ -3,7 +3,7 @@
 Mirrors timm's ``train.py``: the same data layout and loader, model creation,
 optimizer / scheduler factories, AMP, ``args.yaml`` and ``summary.csv`` in the
 run folder, checkpoints with timm's keys. Adds quantization (a preset from
-:mod:`qvit.config`), calibration, the BitOPs budget, bit freezing and optional
+:mod:`qvit.nn.config`), calibration, the BitOPs budget, bit freezing and optional
 distillation from the float model.
 """
 from __future__ import annotations
@@ -21,13 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint as ckpt_io
+from ..models import checkpoint as ckpt_io
+from ..models.recipe import UsageError, apply_quant, create_model, input_size
 from . import distributed as dist_util
 from .data import DataError, LoaderConfig, check_image_folder, create_loader, set_epoch
-
-
-class UsageError(ValueError):
-    """A flag value that cannot work (out of range, unknown name, ...)."""
 
 
 # --------------------------------------------------------------------- models
@@ -43,35 +40,6 @@ def model_kwargs(args) -> Dict[str, Any]:
     return kw
 
 
-def create_model(name: str, kwargs: Dict[str, Any], pretrained: bool = False,
-                 pretrained_path: str = ""):
-    """``timm.create_model`` (never the network unless ``pretrained`` without a path).
-
-    ``pretrained_path``: a local file through timm's pretrained loading (its
-    checkpoint filter and classifier adaptation), like timm's ``--pretrained-path``.
-    """
-    import timm
-
-    if not timm.is_model(name):
-        raise UsageError(f"unknown model {name!r} (see timm.list_models())")
-    extra: Dict[str, Any] = {}
-    if pretrained_path:
-        if not os.path.isfile(pretrained_path):
-            raise ckpt_io.CheckpointError(f"checkpoint {pretrained_path!r} does not exist")
-        pretrained = True
-        extra["pretrained_cfg_overlay"] = dict(file=pretrained_path, num_classes=-1)
-    try:
-        return timm.create_model(name, pretrained=pretrained, **extra, **kwargs)
-    except TypeError as e:
-        raise UsageError(f"model {name!r} does not accept these arguments: {e}") from None
-    except (RuntimeError, OSError, ValueError, KeyError) as e:
-        if not pretrained:
-            raise
-        msg = str(e).strip().splitlines()
-        raise ckpt_io.CheckpointError(f"pretrained weights for {name!r} could not be loaded: "
-                                      f"{msg[0] if msg else type(e).__name__}") from None
-
-
 def quant_spec(args) -> Optional[Dict[str, Any]]:
     """The serialisable quantization recipe: preset name and overrides."""
     if args.quant in (None, "none"):
@@ -82,46 +50,6 @@ def quant_spec(args) -> Optional[Dict[str, Any]]:
     if args.first_last_bits is not None:
         overrides["first_last_bits"] = int(args.first_last_bits)
     return {"preset": args.quant, "overrides": overrides}
-
-
-def quant_config(spec: Dict[str, Any]):
-    from .config import preset
-
-    try:
-        return preset(spec["preset"], **spec.get("overrides", {}))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
-def apply_quant(model, spec: Optional[Dict[str, Any]]):
-    if spec is None:
-        return model
-    from .convert import quantize_model
-
-    return quantize_model(model, quant_config(spec))
-
-
-def model_from_checkpoint(ckpt: Dict[str, Any], path: str = "checkpoint"):
-    """Rebuild the (fake-quant) model a qvit checkpoint was saved from."""
-    info = ckpt.get("model_info")
-    if not isinstance(info, dict) or "name" not in info:
-        raise ckpt_io.CheckpointError(f"{path} is not a qvit checkpoint (no model_info)")
-    model = create_model(info["name"], dict(info.get("kwargs", {})))
-    apply_quant(model, ckpt.get("quant"))
-    ckpt_io.load_model_state(model, ckpt_io.model_state(ckpt), path)
-    model.eval()
-    return model
-
-
-def input_size(model) -> Tuple[int, int, int]:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    c, h, w = cfg.get("input_size", (3, 224, 224))
-    pe = getattr(model, "patch_embed", None)
-    img = getattr(pe, "img_size", None)
-    if img is not None:
-        h, w = (img, img) if isinstance(img, int) else tuple(img)
-    in_chans = getattr(getattr(pe, "proj", None), "in_channels", c)
-    return int(in_chans), int(h), int(w)
 
 
 # --------------------------------------------------------------- optimizer
@@ -195,7 +123,7 @@ def create_scheduler(optimizer, args, updates_per_epoch: int):
 
 # ------------------------------------------------------------ quant helpers
 class QuantState:
-    """Lazy access to qvit.convert / qvit.budget for a (maybe) quantized model."""
+    """Lazy access to qvit.models.convert / qvit.models.budget for a (maybe) quantized model."""
 
     def __init__(self, model, spec, args, device):
         self.active = spec is not None
@@ -208,7 +136,7 @@ class QuantState:
         self._quantizers: List[Any] = []
         if not self.active:
             return
-        from .convert import quantizers
+        from ..models.convert import quantizers
 
         self._quantizers = [q for _, q in quantizers(model)]
         self.learn_bits = any(getattr(q, "learn_bits", False) for q in self._quantizers)
@@ -217,7 +145,7 @@ class QuantState:
         """Budget in GBitOPs (or in megabits of weights for kind='size')."""
         if not self.active:
             return None
-        from .budget import uniform_bitops
+        from ..models.budget import uniform_bitops
 
         if args.budget_gbitops is not None:
             self.budget = float(args.budget_gbitops)
@@ -235,7 +163,7 @@ class QuantState:
     def loss(self):
         if self.budget is None or not self.active or self.frozen:
             return None
-        from .budget import budget_loss
+        from ..models.budget import budget_loss
 
         weight = self.budget_weight
         if self.budget_relative:
@@ -250,7 +178,7 @@ class QuantState:
 
     def freeze(self) -> None:
         if self.active and not self.frozen:
-            from .budget import freeze_bits
+            from ..models.budget import freeze_bits
 
             freeze_bits(self.model, True)
         self.frozen = True
@@ -258,7 +186,7 @@ class QuantState:
     def stats(self) -> Dict[str, float]:
         if not self.active:
             return {}
-        from .budget import average_bits, bitops
+        from ..models.budget import average_bits, bitops
 
         out: Dict[str, float] = {}
         try:
@@ -608,7 +536,7 @@ def _train(args, dinfo) -> Dict[str, Any]:
 
 
 def _size_summary(model) -> Dict[str, float]:
-    from .budget import model_size_bits
+    from ..models.budget import model_size_bits
 
     try:
         return {"size_kb": float(model_size_bits(model).detach()) / 8.0 / 1024.0}
@@ -632,7 +560,7 @@ def _check_budget(model, budget: float, args) -> None:
     """A BitOPs budget below all-2-bit cannot be met: refuse it up front."""
     if args.budget_kind != "bitops":
         return
-    from .budget import uniform_bitops
+    from ..models.budget import uniform_bitops
 
     lo = float(uniform_bitops(model, 2)) / 1e9
     if budget < lo * (1 - 1e-6):
@@ -642,7 +570,7 @@ def _check_budget(model, budget: float, args) -> None:
 
 def _calibrate(model, train_loader, val_loader, args, device, dinfo, log) -> None:
     """Fit scales on a few batches (rank 0), then broadcast to every rank."""
-    from .convert import calibrate
+    from ..models.convert import calibrate
 
     if dinfo.is_main:
         batches = []

@@ -25,7 +25,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from .quantizer import Quantizer
+from ..nn.quantizer import Quantizer
 
 __all__ = ["bitops", "model_size_bits", "uniform_bitops", "uniform_size_bits",
            "budget_loss", "freeze_bits", "average_bits", "layer_bitops", "batch_size"]
@@ -52,7 +52,7 @@ def batch_size(model: nn.Module) -> int:
     """Images in the latest forward of a quantized ``model``.
 
     Raises:
-        RuntimeError: no forward has run since :func:`~qvit.convert.quantize_model`.
+        RuntimeError: no forward has run since :func:`~qvit.quantize_model`.
     """
     b = model.__dict__.get("_qvit_batch")
     if not b:  # a wrapper (DistributedDataParallel, EMA): the quantized model is inside

@@ -1,7 +1,7 @@
 """`qvit` command line: train / eval / report / export.
 
 ``qvit train`` takes timm ``train.py``-style flags plus the QAT flags; with no
-data folder it runs the embedded digits demo (:mod:`qvit.demo`). Bad input
+data folder it runs the embedded digits demo (:mod:`qvit.train.demo`). Bad input
 ends with one line on stderr and exit code 2, no traceback.
 """
 from __future__ import annotations
@@ -220,7 +220,7 @@ def cmd_train(argv: List[str]) -> int:
 
         run_demo(args)
         return 0
-    from .train import train
+    from .loop import train
 
     train(args)
     return 0
@@ -228,8 +228,8 @@ def cmd_train(argv: List[str]) -> int:
 
 # ------------------------------------------------------------- eval/report
 def _load_model(path: str, device: Optional[str] = None):
-    from . import checkpoint as ckpt_io
-    from .train import model_from_checkpoint
+    from ..models import checkpoint as ckpt_io
+    from ..models.recipe import model_from_checkpoint
 
     ck = ckpt_io.load(path)
     model = model_from_checkpoint(ck, path)
@@ -238,7 +238,8 @@ def _load_model(path: str, device: Optional[str] = None):
 
 def cmd_eval(args) -> int:
     from .data import LoaderConfig, create_loader, eval_folder
-    from .train import _device, evaluate, input_size
+    from ..models.recipe import input_size
+    from .loop import _device, evaluate
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -269,8 +270,8 @@ def cmd_eval(args) -> int:
 def cmd_report(args) -> int:
     import torch
 
-    from .report import plot_bits, report
-    from .train import input_size
+    from ..models.recipe import input_size
+    from ..models.report import plot_bits, report
 
     model, ck = _load_model(args.checkpoint)
     if ck.get("quant") is None:
@@ -290,7 +291,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export
+    from ..models.export import export
 
     model, ck = _load_model(args.checkpoint)
     if ck.get("quant") is None:
@@ -316,12 +317,12 @@ def _dispatch(argv: List[str]) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``qvit`` console script; returns the exit code."""
-    from .checkpoint import CheckpointError
+    from ..models.checkpoint import CheckpointError
     from .data import DataError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        from .train import UsageError
+        from ..models.recipe import UsageError
     except ImportError:  # pragma: no cover
         UsageError = ValueError  # noqa: N806
     try:

@@ -13,8 +13,6 @@ Example::
 """
 from __future__ import annotations
 
-import sys
-import types
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
@@ -22,8 +20,8 @@ import torch
 from torch import nn
 
 from . import budget as _budget
-from .nn import QAttention, QConv2d, QLinear, QWindowAttention
-from .quantizer import Quantizer
+from ..nn import QAttention, QConv2d, QLinear, QWindowAttention
+from ..nn.quantizer import Quantizer
 
 __all__ = ["Report", "report", "plot_bits"]
 
@@ -207,14 +205,3 @@ def plot_bits(model_or_report: Union[nn.Module, Report], path) -> str:
     fig.savefig(str(path), dpi=100)
     plt.close(fig)
     return str(path)
-
-
-class _CallableModule(types.ModuleType):
-    """``qvit.report`` is both this module and the :func:`report` function: importing
-    the submodule rebinds the package attribute, so the module forwards calls."""
-
-    def __call__(self, *args, **kwargs):
-        return report(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

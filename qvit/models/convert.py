@@ -29,9 +29,9 @@ from typing import Iterable, Iterator, Optional, Tuple
 import torch
 from torch import nn
 
-from .config import QuantizerConfig, QViTConfig
-from .nn import QAttention, QConv2d, QLinear, QWindowAttention
-from .quantizer import Quantizer
+from ..nn import QAttention, QConv2d, QLinear, QWindowAttention
+from ..nn.config import QuantizerConfig, QViTConfig
+from ..nn.quantizer import Quantizer
 
 __all__ = ["quantize_model", "dequantize_model", "calibrate", "quantizers",
            "set_quantizers_enabled", "clamp_bits_", "is_quantized"]
@@ -125,7 +125,7 @@ def quantize_model(model: nn.Module, config: QViTConfig) -> nn.Module:
     Args:
         model: a timm ``VisionTransformer`` / ``VisionTransformerDistilled`` /
             ``SwinTransformer`` (or any model built from the same blocks).
-        config: where each quantizer sits, see :class:`~qvit.config.QViTConfig`.
+        config: where each quantizer sits, see :class:`~qvit.nn.config.QViTConfig`.
 
     Returns:
         ``model`` itself. Quantizers start uninitialised: call :func:`calibrate`

@@ -56,7 +56,7 @@ def _qrange(q) -> Tuple[Tensor, Tensor]:
 
 
 def _view(w: Tensor, q) -> Tuple[Tensor, Tuple[int, ...]]:
-    from .reference import group_shape
+    from ..ops.reference import group_shape
 
     outer, g, inner = group_shape(tuple(w.shape), q.dim, q.groups)
     return w.reshape(outer, g, inner), tuple(w.shape)
@@ -88,7 +88,7 @@ def export(model: nn.Module, path: str, *, model_info: Dict[str, Any],
     """Write ``model`` to ``path``; returns the number of tensors written.
 
     Args:
-        model: a quantized model (after :func:`qvit.convert.quantize_model`).
+        model: a quantized model (after :func:`qvit.quantize_model`).
         model_info: ``{"name": timm model name, "kwargs": create_model kwargs}``.
         quant: ``{"preset": name, "overrides": {...}}`` (as stored in checkpoints).
     """
@@ -129,7 +129,7 @@ def load_exported(path: str, device: str = "cpu") -> nn.Module:
     from safetensors.torch import load_file
 
     from .checkpoint import load_model_state
-    from .train import apply_quant, create_model
+    from .recipe import apply_quant, create_model
 
     cfg = read_config(path)
     info = cfg["model_info"]
