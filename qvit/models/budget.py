@@ -1,6 +1,6 @@
 """BitOPs and model-size accounting, the Q-ViT budget loss, bit freezing.
 
-Q-ViT (Li et al., arXiv 2201.07703; ``reference/method.md`` section 4) trains
+Q-ViT (Li et al., arXiv 2201.07703; ``docs/design.md`` section 5.3) trains
 with ``loss = task + lambda * max(BitOPs / 1e9 - budget, 0)^2`` where BitOPs are
 computed from the STE-rounded bit-widths, so the penalty reaches every learned
 bit-width. Here every quantized matmul counts ``MACs x b_w x b_a``, summed over

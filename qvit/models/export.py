@@ -94,6 +94,13 @@ def export(model: nn.Module, path: str, *, model_info: Dict[str, Any],
     """
     from safetensors.torch import save_file
 
+    import os
+
+    from .checkpoint import atomic_write
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ExportError(f"cannot write {str(path)!r}: folder {folder!r} does not exist")
     sites = list(_weight_sites(model))
     if not sites:
         raise ExportError("model has no enabled weight quantizers: nothing to export")
@@ -106,7 +113,8 @@ def export(model: nn.Module, path: str, *, model_info: Dict[str, Any],
         "format": FORMAT, "format_version": str(FORMAT_VERSION),
         "config": json.dumps({"model_info": model_info, "quant": quant}, default=str),
     }
-    save_file(state, path, metadata=meta)
+    atomic_write(str(path), lambda tmp: save_file(state, tmp, metadata=meta),
+                 suffix=".safetensors")
     return len(state)
 
 

@@ -1,7 +1,7 @@
 """The Q-ViT quantizer module: learned bits, switchable scale table, optional offset.
 
 One :class:`Quantizer` holds the state of one quantization site (Li et al.,
-"Q-ViT", arXiv 2201.07703, sections 1-3 of ``reference/method.md``):
+"Q-ViT", arXiv 2201.07703, ``docs/design.md`` section 2):
 
 * ``bits [G]``: continuous bit-width per group (learned or fixed);
 * ``scale [Gs, K]``: one step size per candidate bit-width (``K = max - min + 1``),

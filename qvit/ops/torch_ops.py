@@ -14,7 +14,7 @@ Three layers live here, and this is the only Python file that touches
   through DLPack) and fake kernels, so ``torch.compile`` traces them without
   graph breaks;
 * an ``autograd.Function`` outside the ops (measured cheaper than registering
-  autograd on the op; see DESIGN.md and the engineering notes);
+  autograd on the op);
 * :func:`fake_quant`, the public entry point, which validates its arguments in
   Python before anything reaches the dispatcher.
 

@@ -232,6 +232,7 @@ def _dispatch(argv: List[str]) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``qvit`` console script; returns the exit code."""
     from ..models.checkpoint import CheckpointError
+    from ..models.export import ExportError
     from .data import DataError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -241,7 +242,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         UsageError = ValueError  # noqa: N806
     try:
         return _dispatch(argv)
-    except (CLIError, DataError, CheckpointError, UsageError) as e:
+    except (CLIError, DataError, CheckpointError, ExportError, UsageError) as e:
         msg = str(e)
         if not msg.startswith(PROG):
             msg = f"{PROG}: error: {msg}"
