@@ -83,14 +83,25 @@ def decode_codes(codes: Tensor, q) -> Tensor:
     return (cv * s[None, :, None] + o[None, :, None]).reshape(shape)
 
 
-def export(model: nn.Module, path: str, *, model_info: Dict[str, Any],
-           quant: Optional[Dict[str, Any]]) -> int:
+def export(model: nn.Module, path: str, *, model_info: Optional[Dict[str, Any]] = None,
+           quant: Optional[Dict[str, Any]] = None) -> int:
     """Write ``model`` to ``path``; returns the number of tensors written.
 
+    The model's recipe (see :mod:`qvit.models.recipe`) goes into the file's
+    metadata, so :func:`load_exported`, ``qvit eval`` and ``qvit report``
+    rebuild the model from the file alone.
+
     Args:
-        model: a quantized model (after :func:`qvit.quantize_model`).
-        model_info: ``{"name": timm model name, "kwargs": create_model kwargs}``.
-        quant: ``{"preset": name, "overrides": {...}}`` (as stored in checkpoints).
+        model: a quantized model built with ``qvit.create_model`` (or loaded from a
+            qvit checkpoint or export), then ``qvit.quantize_model``.
+        model_info: ``{"name": timm model name, "kwargs": create_model kwargs}``;
+            default: what the model recorded. Needed for a model built with
+            ``timm.create_model`` directly.
+        quant: quantization recipe data; default: the model's own config.
+
+    Raises:
+        ExportError: the model is not quantized, does not know how it was created,
+            or the folder of ``path`` does not exist.
     """
     from safetensors.torch import save_file
 
@@ -101,6 +112,18 @@ def export(model: nn.Module, path: str, *, model_info: Dict[str, Any],
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ExportError(f"cannot write {str(path)!r}: folder {folder!r} does not exist")
+    from .recipe import _plain, describe
+
+    own_info, own_quant = describe(model)
+    model_info = model_info if model_info is not None else own_info
+    quant = quant if quant is not None else own_quant
+    if quant is None:
+        raise ExportError("model is not quantized: call qvit.quantize_model first")
+    if model_info is None:
+        raise ExportError(
+            "model does not record how it was created: build it with qvit.create_model(name, "
+            "**kwargs) instead of timm.create_model, or pass model_info={'name': ..., "
+            "'kwargs': {...}}")
     sites = list(_weight_sites(model))
     if not sites:
         raise ExportError("model has no enabled weight quantizers: nothing to export")
@@ -109,9 +132,12 @@ def export(model: nn.Module, path: str, *, model_info: Dict[str, Any],
         key = f"{name}.weight" if name else "weight"
         state.pop(key, None)
         state[key + CODES_SUFFIX] = weight_codes(m, q).cpu().contiguous()
+    config = {"model_info": _plain(model_info), "quant": _plain(quant)}
+    if model.__dict__.get("qvit_data"):
+        config["data"] = _plain(model.__dict__["qvit_data"])
     meta = {
         "format": FORMAT, "format_version": str(FORMAT_VERSION),
-        "config": json.dumps({"model_info": model_info, "quant": quant}, default=str),
+        "config": json.dumps(config),
     }
     atomic_write(str(path), lambda tmp: save_file(state, tmp, metadata=meta),
                  suffix=".safetensors")
@@ -167,4 +193,6 @@ def load_exported(path: str, device: str = "cpu") -> nn.Module:
             m.weight.copy_(decode_codes(c.to(m.weight.device), q).to(m.weight.dtype))
     model.to(device)
     model.eval()
+    if cfg.get("data"):
+        model.__dict__["qvit_data"] = dict(cfg["data"])
     return model

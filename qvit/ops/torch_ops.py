@@ -80,6 +80,31 @@ def _to_c_opt(t):
     return None if t is None else _to_c(t)
 
 
+# CUDA runtime errors cudaGetDeviceCount reports on machines without a usable GPU
+_CUDA_ERRORS = {
+    3: ("cudaErrorInitializationError", "the CUDA driver could not be initialised"),
+    34: ("cudaErrorStubLibrary", "a stub CUDA driver library is installed, not a real driver"),
+    35: ("cudaErrorInsufficientDriver", "no CUDA driver, or one older than the CUDA runtime "
+         "qvit was built with"),
+    100: ("cudaErrorNoDevice", "no CUDA device"),
+    101: ("cudaErrorInvalidDevice", "no valid CUDA device (check CUDA_VISIBLE_DEVICES)"),
+    999: ("cudaErrorUnknown", "unknown CUDA error"),
+}
+
+
+def _cuda_status(loaded: bool) -> tuple:
+    """``(devices >= 0, readable status)`` from the binding's device count."""
+    if not loaded:
+        return 0, "qvit._C is not loaded"
+    if not _C.cuda_built():
+        return 0, "CUDA kernels not compiled in (built with QVIT_CUDA=0 or without nvcc)"
+    n = int(_C.cuda_device_count())
+    if n >= 0:
+        return n, f"ok ({n} device{'s' if n != 1 else ''})" if n else "no CUDA device"
+    name, what = _CUDA_ERRORS.get(-n, (f"CUDA error {-n}", "the CUDA runtime reported an error"))
+    return 0, f"{what} ({name})"
+
+
 def backend_info() -> dict:
     """Which backend :func:`fake_quant` runs on.
 
@@ -87,16 +112,20 @@ def backend_info() -> dict:
         A dict with ``c_loaded`` (``qvit._C`` imported), ``c_import_error``
         (the import error text, or ``None``), ``cuda_built`` (the CUDA kernels
         were compiled in), ``cuda_devices`` (devices the CUDA runtime sees,
-        ``<= 0`` without a GPU or driver) and ``exchange_api`` (the torch
+        0 without a GPU or driver), ``cuda_status`` (readable: ``"ok (1
+        device)"``, or why there is none, e.g. ``"no CUDA driver, ...
+        (cudaErrorInsufficientDriver)"``) and ``exchange_api`` (the torch
         attribute used to pass tensors into C, or ``"to_dlpack"`` when torch
         has no DLPack C exchange API).
     """
     loaded = _C is not None
+    devices, status = _cuda_status(loaded)
     return {
         "c_loaded": loaded,
         "c_import_error": _C_IMPORT_ERROR,
         "cuda_built": bool(_C.cuda_built()) if loaded else False,
-        "cuda_devices": int(_C.cuda_device_count()) if loaded else 0,
+        "cuda_devices": devices,
+        "cuda_status": status,
         "exchange_api": (_EXCHANGE_API or "to_dlpack") if loaded else None,
     }
 
