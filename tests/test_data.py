@@ -165,8 +165,8 @@ def test_demo_end_to_end_tiny(tmp_path, monkeypatch):
     from qvit.train import demo
     from qvit.train.cli import main
 
-    monkeypatch.setattr(demo, "MODEL_KWARGS", ["patch_size=4", "embed_dim=24", "depth=1",
-                                               "num_heads=3"])
+    monkeypatch.setattr(demo, "MODEL_KWARGS", {"patch_size": 4, "embed_dim": 24, "depth": 1,
+                                               "num_heads": 3})
     monkeypatch.setattr(demo, "IMG_SIZE", 8)
     out = tmp_path / "demo"
     assert main(["train", "--output", str(out), "--epochs", "1", "--no-progress", "--quiet",
