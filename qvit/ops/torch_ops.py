@@ -30,7 +30,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import reference
+from . import contract, reference
 
 __all__ = ["fake_quant", "backend_info", "cpu_cache_info", "empty_cpu_cache",
            "set_cpu_cache_limit"]
@@ -299,7 +299,7 @@ def _fq_backward_impl(grad_y, x, scale, bits, offset, dim, signed, bits_min, bit
         gyk, gxk = gyk.reshape(1), grad_x.view(1)
     workspace = None
     if x.is_cuda:
-        outer, g, inner = reference.group_shape(xk.shape, kdim, bits.numel())
+        outer, g, inner = contract.group_shape(xk.shape, kdim, bits.numel())
         nbytes = _C.fq_workspace_bytes(outer, g, inner, x.device.index or 0)
         if nbytes > 0:
             workspace = _to_c(torch.empty(nbytes, dtype=torch.uint8, device=x.device))
@@ -424,16 +424,7 @@ def _validate(x, scale, bits, offset, signed, dim, bits_range, grad_scale):
         raise TypeError(f"qvit.fake_quant: signed must be a bool, got {type(signed).__name__}")
     if not _is_int(dim):
         raise TypeError(f"qvit.fake_quant: dim must be an int, got {type(dim).__name__}")
-    if (not isinstance(bits_range, (tuple, list)) or len(bits_range) != 2
-            or not (_is_int(bits_range[0]) and _is_int(bits_range[1]))):
-        raise TypeError(f"qvit.fake_quant: bits_range must be a pair of ints, got {bits_range!r}")
-    bmin, bmax = int(bits_range[0]), int(bits_range[1])
-    if not 1 <= bmin <= bmax <= 16:
-        raise ValueError(
-            f"qvit.fake_quant: bits_range must satisfy 1 <= min <= max <= 16, got {tuple(bits_range)}")
-    if signed and bmin < 2:
-        raise ValueError(
-            f"qvit.fake_quant: a signed quantizer needs bits_range min >= 2, got {tuple(bits_range)}")
+    bmin, bmax = contract.check_bits_range(bits_range, signed, prefix="qvit.fake_quant: ")
     if grad_scale is None:
         lsq = -1.0
     else:
@@ -468,23 +459,12 @@ def _validate(x, scale, bits, offset, signed, dim, bits_range, grad_scale):
                 f"qvit.fake_quant: {name} is on {t.device} but x is on {x.device}; "
                 "all tensors must be on one device")
 
-    k = bmax - bmin + 1
-    if bits.dim() != 1 or bits.numel() < 1:
-        raise ValueError(
-            f"qvit.fake_quant: bits must be a 1-D tensor [G] with G >= 1, got shape {tuple(bits.shape)}")
-    g = bits.shape[0]
-    sshape = scale.shape
-    if len(sshape) != 2 or sshape[1] != k or (sshape[0] != 1 and sshape[0] != g):
-        raise ValueError(
-            f"qvit.fake_quant: scale must have shape [1, {k}] or [{g}, {k}] for bits_range "
-            f"{(bmin, bmax)} and {g} groups, got {tuple(sshape)}")
-    if offset is not None and offset.shape != sshape:
-        raise ValueError(
-            f"qvit.fake_quant: offset must have the shape of scale {tuple(sshape)}, "
-            f"got {tuple(offset.shape)}")
+    g, _ = contract.check_param_shapes(scale.shape, bits.shape,
+                                       None if offset is None else offset.shape, (bmin, bmax),
+                                       prefix="qvit.fake_quant: ")
     if g > 1:
         try:
-            reference.group_shape(x.shape, int(dim), g)
+            contract.group_shape(x.shape, int(dim), g)
         except ValueError as exc:
             raise ValueError(f"qvit.fake_quant: {exc}") from None
     return bmin, bmax, lsq
@@ -545,7 +525,8 @@ def fake_quant(
         offset: optional ``[1 or G, K]`` offset table (LSQ+), same dtype as ``scale``.
         signed: signed codes ``[-2^(b-1), 2^(b-1)-1]`` or unsigned ``[0, 2^b-1]``.
         dim: the dimension of ``x`` split into ``G`` groups (ignored when ``G == 1``).
-        bits_range: ``(bits_min, bits_max)``, ``1 <= min <= max <= 16``; signed needs min >= 2.
+        bits_range: ``(bits_min, bits_max)``, ``1 <= min <= max <= 24``
+            (:data:`qvit.ops.contract.BITS_LIMIT`); signed needs min >= 2.
         grad_scale: constant factor on the scale gradient; ``None`` = the LSQ default.
 
     Returns:
