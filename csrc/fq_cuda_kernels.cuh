@@ -24,6 +24,20 @@ constexpr int NWARP = NT / 32;
 template <typename T, int V> struct unroll_for { static constexpr int value = (V > 1 && sizeof(T) == 2) ? 2 : 4; };
 constexpr int FIN_NT = 256;            /* finish kernel: one warp per group */
 
+/* What the warp-synchronous code assumes of the block sizes. The shuffles use
+ * the full mask 0xffffffff, so every warp of a block must be full: NT and
+ * FIN_NT are whole warps, and the cols mapping's block width bx (NT, or the
+ * column count rounded up to a warp) with by = NT / bx keeps bx * by <= NT.
+ * block_sum3 keeps one shared slot per warp (NWARP of them); the launch
+ * bounds are NT and FIN_NT, which a legal block (<= 1024 threads) must not
+ * exceed; fq_table_kernel's shared-memory tree halves FIN_NT down to 1, so it
+ * is a power of two. */
+static_assert(NT % 32 == 0 && NWARP * 32 == NT, "NT must be a whole number of warps");
+static_assert(NT >= 32 && NT <= 1024, "NT must be a legal block size");
+static_assert(FIN_NT % 32 == 0 && FIN_NT >= 32 && FIN_NT <= 1024,
+              "FIN_NT must be a legal block of whole warps (one warp per group)");
+static_assert((FIN_NT & (FIN_NT - 1)) == 0, "fq_table_kernel's tree reduction needs a power of two");
+
 /* ---------------------------------------------------------------- dtypes */
 
 template <typename T> struct cvt;
