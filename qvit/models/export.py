@@ -1,7 +1,7 @@
 """Export a quantized model as integer codes + quantizer parameters (safetensors).
 
 The file holds, for every quantized weight, its integer codes
-(``<module>.weight.codes``, int8 when the codes fit, else int16) instead of
+(``<module>.weight.codes``, int8 when the codes fit, else int16 or int32) instead of
 the float weight; every other tensor of the state dict as it is (quantizer
 ``bits``, ``scale`` and ``offset`` tables and buffers, biases, norms, tokens,
 float layers). The safetensors metadata holds a JSON config: the timm model
@@ -18,6 +18,8 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from ..ops import contract
 
 FORMAT = "qvit-export"
 FORMAT_VERSION = 1
@@ -48,17 +50,8 @@ def _active(q, rows: Tensor) -> Tuple[Tensor, Tensor]:
     return s, o
 
 
-def _qrange(q) -> Tuple[Tensor, Tensor]:
-    b = q.rounded_bits()
-    if q.signed:
-        return -(2.0 ** (b - 1)), 2.0 ** (b - 1) - 1
-    return torch.zeros_like(b), 2.0 ** b - 1
-
-
 def _view(w: Tensor, q) -> Tuple[Tensor, Tuple[int, ...]]:
-    from ..ops.reference import group_shape
-
-    outer, g, inner = group_shape(tuple(w.shape), q.dim, q.groups)
+    outer, g, inner = contract.group_shape(tuple(w.shape), q.dim, q.groups)
     return w.reshape(outer, g, inner), tuple(w.shape)
 
 
@@ -68,11 +61,20 @@ def weight_codes(module: nn.Module, q) -> Tensor:
     y = q.quantize(module.weight.detach().float())  # the fake-quant output: on the grid
     yv, shape = _view(y, q)
     s, o = _active(q, yv)
-    qn, qp = _qrange(q)
+    qn, qp = contract.qrange(q.rounded_bits(), q.signed)
     codes = torch.round((yv - o[None, :, None]) / s[None, :, None])
     codes = torch.maximum(torch.minimum(codes, qp[None, :, None]), qn[None, :, None])
-    dtype = torch.int8 if bool(codes.min() >= -128) and bool(codes.max() <= 127) else torch.int16
-    return codes.reshape(shape).to(dtype)
+    return codes.reshape(shape).to(_code_dtype(codes))
+
+
+def _code_dtype(codes: Tensor) -> torch.dtype:
+    """The narrowest signed integer type holding the codes (bit-widths go up to 24)."""
+    lo, hi = (float(codes.min()), float(codes.max())) if codes.numel() else (0.0, 0.0)
+    for dtype in (torch.int8, torch.int16):
+        info = torch.iinfo(dtype)
+        if lo >= info.min and hi <= info.max:
+            return dtype
+    return torch.int32
 
 
 @torch.no_grad()
