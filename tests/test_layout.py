@@ -142,20 +142,8 @@ def _lines(path):
         return sum(1 for _ in f)
 
 
-# files another change is shrinking (the output cache's removal): over the limit
-# they are an expected failure, not a silent pass
-_SHRINKING = {"qvit/ops/torch_ops.py"}
-
-
-def _py_case(path):
-    rel = os.path.relpath(path, ROOT).replace(os.sep, "/")
-    if rel in _SHRINKING and _lines(path) > PY_LIMIT:
-        return pytest.param(path, id=rel, marks=pytest.mark.xfail(
-            strict=False, reason=f"{rel} is being shrunk separately"))
-    return pytest.param(path, id=rel)
-
-
-@pytest.mark.parametrize("path", [_py_case(p) for p in sorted(MODULES.values())])
+@pytest.mark.parametrize("path", sorted(MODULES.values()),
+                         ids=lambda p: os.path.relpath(p, ROOT))
 def test_python_files_are_small(path):
     assert _lines(path) <= PY_LIMIT
 
@@ -165,13 +153,9 @@ def _c_files():
     return [os.path.join(d, f) for f in sorted(os.listdir(d)) if f.endswith((".c", ".h", ".cu"))]
 
 
-_C_BIG = {os.path.relpath(p, ROOT): n for p in _c_files() if (n := _lines(p)) > C_LIMIT}
-
-
-@pytest.mark.xfail(bool(_C_BIG), strict=False,
-                   reason=f"csrc is being split separately; over {C_LIMIT} lines now: {_C_BIG}")
-def test_c_files_are_small():
-    assert _C_BIG == {}
+@pytest.mark.parametrize("path", _c_files(), ids=lambda p: os.path.relpath(p, ROOT))
+def test_c_files_are_small(path):
+    assert _lines(path) <= C_LIMIT
 
 
 def _design_sections():
