@@ -169,7 +169,8 @@ ext = Extension(
     library_dirs=library_dirs,
     extra_compile_args=C_FLAGS,
     extra_link_args=LINK_FLAGS,
-    depends=sorted(_rel(p) for p in glob.glob(os.path.join(HERE, "csrc", "*.h"))),
+    depends=sorted(_rel(p) for p in glob.glob(os.path.join(HERE, "csrc", "*.h"))
+                   + glob.glob(os.path.join(HERE, "csrc", "*.cuh"))),
 )
 
 setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt})

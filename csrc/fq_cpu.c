@@ -137,6 +137,12 @@ static int isa_level(void)
 #endif
 }
 
+const char *qvit_cpu_isa(void)
+{
+    static const char *const names[5] = {"base", "base", "v2", "v3", "v4"};
+    return names[isa_level()];
+}
+
 static const loops *loops_for(qvit_dtype d)
 {
     if ((int)d < 0 || (int)d > 3) {

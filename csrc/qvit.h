@@ -87,6 +87,9 @@ qvit_status qvit_fq_check_params(const qvit_fq_params *p);
  * scales, finite offsets) before touching x. Deterministic for any
  * num_threads: partial sums are formed over fixed chunks and added in order. */
 qvit_status qvit_fq_forward_cpu(const qvit_fq_params *p);
+/* The x86-64 level the CPU loops run at: "v4", "v3", "v2" or "base" (the
+ * CPU's, capped by the environment variable QVIT_ISA; read per call). */
+const char *qvit_cpu_isa(void);
 qvit_status qvit_fq_backward_cpu(const qvit_fq_params *p);
 
 /* CUDA (present when built with QVIT_WITH_CUDA). Launch on p->stream of

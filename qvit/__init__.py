@@ -36,6 +36,7 @@ _LAZY = {
     "model_size_bits": ("qvit.models.budget", "model_size_bits"),
     "freeze_bits": ("qvit.models.budget", "freeze_bits"),
     "average_bits": ("qvit.models.budget", "average_bits"),
+    "param_groups": ("qvit.models.param_groups", "param_groups"),
     "report": ("qvit.models.report", "report"),
     "export": ("qvit.models.export", None),
     "nn": ("qvit.nn", None),

@@ -258,6 +258,20 @@ np.savez(sys.argv[1], *out)
 """
 
 
+def test_cpu_isa_honours_the_cap(monkeypatch):
+    """cpu_isa() names the level the dispatcher picks: the CPU's, capped by QVIT_ISA."""
+    order = ("base", "v2", "v3", "v4")
+    monkeypatch.delenv("QVIT_ISA", raising=False)
+    native = _C.cpu_isa()
+    assert native in order
+    for cap in order:
+        monkeypatch.setenv("QVIT_ISA", cap)
+        want = order[min(order.index(cap), order.index(native))]
+        assert _C.cpu_isa() == want, cap
+    monkeypatch.setenv("QVIT_ISA", "bogus")  # an unknown cap means the baseline
+    assert _C.cpu_isa() == "base"
+
+
 @pytest.mark.slow
 def test_isa_paths_agree_bitwise(tmp_path):
     """Every ISA instance (AVX-512, AVX2, SSE4, baseline) gives the same bits."""

@@ -165,8 +165,8 @@ def test_demo_end_to_end_tiny(tmp_path, monkeypatch):
     from qvit.train import demo
     from qvit.train.cli import main
 
-    monkeypatch.setattr(demo, "MODEL_KWARGS", ["patch_size=4", "embed_dim=24", "depth=1",
-                                               "num_heads=3"])
+    monkeypatch.setattr(demo, "MODEL_KWARGS", {"patch_size": 4, "embed_dim": 24, "depth": 1,
+                                               "num_heads": 3})
     monkeypatch.setattr(demo, "IMG_SIZE", 8)
     # One QAT epoch (23 steps) is too short for the demo's bit learning rate to reach the
     # budget (its 6-epoch run does, README); ten times the rate does it in one epoch.

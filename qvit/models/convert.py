@@ -276,8 +276,12 @@ def _model_input(batch, device):
     return batch.to(device) if device is not None else batch
 
 
+CALIBRATION_BATCHES = 4
+
+
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable) -> int:
+def calibrate(model: nn.Module, batches: Iterable,
+              max_batches: Optional[int] = CALIBRATION_BATCHES) -> int:
     """Initialise every quantizer: weights from the weights, activations from data.
 
     Activations are observed on a float forward of each batch (all quantizers
@@ -288,13 +292,20 @@ def calibrate(model: nn.Module, batches: Iterable) -> int:
         model: a model returned by :func:`quantize_model`.
         batches: an iterable of input tensors or ``(input, target)`` pairs (a
             ``DataLoader`` works); one batch of 64 images is the paper's choice.
+        max_batches: stop after this many batches (default 4), so that a
+            training loader is not run for a whole epoch; ``None``: all of them.
 
     Returns:
         The number of batches used.
 
     Raises:
-        ValueError: ``model`` has no quantizers or ``batches`` yields nothing.
+        ValueError: ``model`` has no quantizers, ``batches`` yields nothing or
+            ``max_batches`` is not a positive int (or None).
     """
+    if max_batches is not None and (isinstance(max_batches, bool)
+                                    or not isinstance(max_batches, int) or max_batches < 1):
+        raise ValueError(f"calibrate: max_batches must be a positive int or None, "
+                         f"got {max_batches!r}")
     qs = [q for _, q in quantizers(model)]
     if not qs:
         raise ValueError("calibrate: model has no quantizers; call quantize_model first")
@@ -313,6 +324,8 @@ def calibrate(model: nn.Module, batches: Iterable) -> int:
         for batch in batches:
             model(_model_input(batch, device))
             n += 1
+            if max_batches is not None and n >= max_batches:
+                break
     finally:
         for q in acts:
             if n:
