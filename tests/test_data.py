@@ -170,12 +170,10 @@ def test_demo_end_to_end_tiny(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "IMG_SIZE", 8)
     # One QAT epoch (23 steps) is too short for the demo's bit learning rate to reach the
     # budget (its 6-epoch run does, README); ten times the rate does it in one epoch.
-    mixed = [m for m in demo.METHODS if m[1] == "qvit_mixed"]
-    assert len(mixed) == 1 and "--bit-lr" in mixed[0][2]
-    flags = list(mixed[0][2])
-    flags[flags.index("--bit-lr") + 1] = str(10 * float(flags[flags.index("--bit-lr") + 1]))
-    monkeypatch.setattr(demo, "METHODS", [m if m is not mixed[0] else (m[0], m[1], flags)
-                                          for m in demo.METHODS])
+    methods = [(label, name, dict(extra, bit_lr=10 * extra["bit_lr"]) if name == "qvit_mixed"
+                else extra) for label, name, extra in demo.METHODS]
+    assert sum(name == "qvit_mixed" for _, name, _ in methods) == 1
+    monkeypatch.setattr(demo, "METHODS", methods)
     out = tmp_path / "demo"
     assert main(["train", "--output", str(out), "--epochs", "1", "--no-progress", "--quiet",
                  "--no-tensorboard"]) == 0
