@@ -101,19 +101,23 @@ const qv_parser qv_fq_parsers[QV_PARSER_COUNT] = {
 /* Steps of the driver */
 
 /* Fills outer / groups / inner / scale_groups / bits range of p from x and
- * the parameter tensors; the same rules as qvit.reference.group_shape. */
+ * the parameter tensors, by the rules of qvit.h (qvit_bits_range_check,
+ * qvit_group_layout), with a message naming what broke them. */
 static int fill_layout(qvit_fq_params *p, const tview *x, const tview *scale, const tview *bits,
                        int dim, int bits_min, int bits_max, int is_signed)
 {
     char a[160];
-    if (bits_min < 1 || bits_max < bits_min || bits_max > 16) {
-        PyErr_Format(PyExc_ValueError, "qvit: bits_min / bits_max must satisfy 1 <= bits_min "
-                     "<= bits_max <= 16, got bits_min=%d, bits_max=%d", bits_min, bits_max);
-        return -1;
-    }
-    if (is_signed && bits_min < 2) {
+    switch (qvit_bits_range_check(bits_min, bits_max, is_signed)) {
+    case QVIT_RANGE_OK:
+        break;
+    case QVIT_RANGE_SIGNED:
         PyErr_Format(PyExc_ValueError, "qvit: a signed quantizer needs bits_min >= 2, got %d",
                      bits_min);
+        return -1;
+    default:
+        PyErr_Format(PyExc_ValueError, "qvit: bits_min / bits_max must satisfy 1 <= bits_min "
+                     "<= bits_max <= %d, got bits_min=%d, bits_max=%d", QVIT_BITS_LIMIT,
+                     bits_min, bits_max);
         return -1;
     }
     if (bits->t.ndim != 1 || bits->t.shape[0] < 1) {
@@ -131,47 +135,27 @@ static int fill_layout(qvit_fq_params *p, const tview *x, const tview *scale, co
                      (long long)K, (long long)G, (long long)K, (long long)K, a);
         return -1;
     }
-    int64_t numel = view_numel(x);
-    int64_t outer = 1, inner = numel;
-    if (G > 1) {
-        int nd = x->t.ndim;
-        if (nd == 0) {
-            PyErr_Format(PyExc_ValueError, "qvit: a 0-d x cannot be split into %lld groups",
-                         (long long)G);
-            return -1;
-        }
-        if (dim < -nd || dim >= nd) {
-            PyErr_Format(PyExc_ValueError, "qvit: dim=%d is out of range for x with %d "
-                         "dimensions", dim, nd);
-            return -1;
-        }
-        int d = dim < 0 ? dim + nd : dim;
-        int64_t size = x->t.shape[d];
-        if (size % G != 0) {
-            PyErr_Format(PyExc_ValueError, "qvit: dimension %d of x has size %lld, which is not "
-                         "divisible by the %lld groups of bits", d, (long long)size,
-                         (long long)G);
-            return -1;
-        }
-        if (numel == 0) {
-            /* nothing to index; the other sizes may be huge and their partial
-             * products overflow int64 (a raw capsule [0, 2^40, 2^40]) */
-            outer = 0;
-            inner = 0;
-        } else {
-            outer = 1;
-            for (int i = 0; i < d; i++) {
-                outer *= x->t.shape[i];
-            }
-            inner = size / G;
-            for (int i = d + 1; i < nd; i++) {
-                inner *= x->t.shape[i];
-            }
-        }
+    const int nd = x->t.ndim;
+    switch (qvit_group_layout(x->t.shape, nd, dim, G, &p->outer, &p->inner)) {
+    case QVIT_LAYOUT_OK:
+        break;
+    case QVIT_LAYOUT_0D:
+        PyErr_Format(PyExc_ValueError, "qvit: a 0-d x cannot be split into %lld groups",
+                     (long long)G);
+        return -1;
+    case QVIT_LAYOUT_DIM:
+        PyErr_Format(PyExc_ValueError, "qvit: dim=%d is out of range for x with %d dimensions",
+                     dim, nd);
+        return -1;
+    default: {
+        const int d = dim < 0 ? dim + nd : dim;
+        PyErr_Format(PyExc_ValueError, "qvit: dimension %d of x has size %lld, which is not "
+                     "divisible by the %lld groups of bits", d, (long long)x->t.shape[d],
+                     (long long)G);
+        return -1;
     }
-    p->outer = outer;
+    }
     p->groups = G;
-    p->inner = inner;
     p->scale_groups = scale->t.shape[0];
     p->bits_min = bits_min;
     p->bits_max = bits_max;

@@ -9,7 +9,7 @@
  * Two work mappings, chosen from the shape alone (so the workspace size is a
  * function of (outer, G, inner, device) only):
  *
- *  rows  (G == 1, outer == 1 or inner >= ROWS_MIN_INNER): per-tensor,
+ *  runs  (G == 1, outer == 1 or inner >= RUNS_MIN_INNER): per-tensor,
  *        per-head activations (inner = N*d), per-head / per-channel weight
  *        rows (outer = 1).
  *        The grid is G x S blocks; block (g, s) owns a balanced contiguous
@@ -59,7 +59,7 @@
 namespace {
 
 constexpr int BLOCKS_PER_SM = 8;       /* 8 x 256 = 2048 threads: a full SM on sm_80 / sm_90 */
-constexpr int64_t ROWS_MIN_INNER = 1024;
+constexpr int64_t RUNS_MIN_INNER = 1024;
 constexpr int64_t COLS_MIN_ROWS = 16;  /* rows per thread at least, in the cols mapping */
 constexpr int MAX_DEVICES = 64;
 
@@ -100,8 +100,8 @@ qvit_status sm_count(int device, int *out)
  * (2048 threads), and V = 0, so it bounds every launch on that device whatever
  * the dtype, vector width or register use. */
 struct plan {
-    bool rows;
-    int64_t S;          /* rows: blocks per group */
+    bool runs;
+    int64_t S;          /* runs: blocks per group */
     int64_t gy;         /* cols: row chunks */
     int64_t n_part;     /* partial slots per component */
     dim3 grid, block;
@@ -109,17 +109,17 @@ struct plan {
 
 /* The cols mapping pays off with many rows of a short period; a single row
  * (weights split along dim 0) has nothing to walk down. */
-bool use_rows(int64_t outer, int64_t groups, int64_t inner)
+bool use_runs(int64_t outer, int64_t groups, int64_t inner)
 {
-    return groups == 1 || outer <= 1 || inner >= ROWS_MIN_INNER;
+    return groups == 1 || outer <= 1 || inner >= RUNS_MIN_INNER;
 }
 
 plan make_plan(int64_t outer, int64_t groups, int64_t inner, int sms, int bps, int V)
 {
     plan pl{};
     const int64_t target = (int64_t)sms * bps;
-    pl.rows = use_rows(outer, groups, inner);
-    if (pl.rows) {
+    pl.runs = use_runs(outer, groups, inner);
+    if (pl.runs) {
         const int64_t n = outer * inner;
         int64_t S = (target + groups - 1) / groups;
         const int64_t cap = (n + (int64_t)NT * 4 - 1) / ((int64_t)NT * 4);  /* >= 1024 elements a block */
@@ -182,27 +182,25 @@ struct device_guard {
     }
 };
 
-qvit_status check_common(const qvit_fq_params *p, bool bwd)
+/* The shared rules (qvit_fq_check_params), then what this build of the
+ * CUDA path adds: no float64, and a device ordinal. */
+qvit_status check_cuda(const qvit_fq_params *p, bool bwd)
 {
-    if (!p) return QVIT_ERR_BAD_ARG;
-    if (p->x_dtype != QVIT_F32 && p->x_dtype != QVIT_F16 && p->x_dtype != QVIT_BF16) return QVIT_ERR_DTYPE;
-    if (p->param_dtype != QVIT_F32) return QVIT_ERR_DTYPE;
-    if (p->outer < 0 || p->groups < 1 || p->inner < 0) return QVIT_ERR_BAD_ARG;
-    if (p->scale_groups != 1 && p->scale_groups != p->groups) return QVIT_ERR_BAD_ARG;
-    if (p->bits_min < 1 || p->bits_max < p->bits_min || p->bits_max > 30) return QVIT_ERR_BAD_ARG;
-    if (p->is_signed && p->bits_min < 2) return QVIT_ERR_BAD_ARG;
-    if (!p->scale || !p->bits || (p->has_offset && !p->offset)) return QVIT_ERR_BAD_ARG;
+    const qvit_status st = qvit_fq_check_params(p, bwd ? 1 : 0);
+    if (st != QVIT_OK) return st;
+    if (p->x_dtype == QVIT_F64) return QVIT_ERR_DTYPE;
     if (p->device < 0) return QVIT_ERR_BAD_ARG;
-    const int64_t n = p->outer * p->inner;
-    if (p->outer > 0 && p->inner > INT64_MAX / p->outer / p->groups) return QVIT_ERR_BAD_ARG;
-    if (n > 0 && !p->x) return QVIT_ERR_BAD_ARG;
-    if (bwd) {
-        if (n > 0 && (!p->grad_y || !p->grad_x)) return QVIT_ERR_BAD_ARG;
-        if (!p->grad_scale_out || !p->grad_bits || (p->has_offset && !p->grad_offset)) return QVIT_ERR_BAD_ARG;
-    } else if (n > 0 && !p->y) {
-        return QVIT_ERR_BAD_ARG;
-    }
     return QVIT_OK;
+}
+
+/* One group is one run of outer*inner elements: [1, 1, outer*inner]
+ * (or [0, 1, 0] when empty), whatever dim split it. */
+void one_run(int64_t groups, int64_t *outer, int64_t *inner)
+{
+    if (groups == 1) {
+        *inner = *outer * *inner;
+        *outer = *inner > 0 ? 1 : 0;
+    }
 }
 
 fq_args make_args(const qvit_fq_params *p)
@@ -215,15 +213,12 @@ fq_args make_args(const qvit_fq_params *p)
     a.outer = p->outer; a.groups = p->groups; a.inner = p->inner;
     a.scale_groups = p->scale_groups;
     a.bits_min = p->bits_min; a.bits_max = p->bits_max; a.is_signed = p->is_signed ? 1 : 0;
-    if (a.groups == 1) {  /* one group: one row of outer*inner elements */
-        a.inner = a.outer * a.inner;
-        a.outer = a.inner > 0 ? 1 : 0;
-    }
+    one_run(a.groups, &a.outer, &a.inner);
     return a;
 }
 
 /* Resident blocks per SM of one kernel on the current device (immutable, cached). */
-template <typename T, int V, bool BWD, bool ROWS>
+template <typename T, int V, bool BWD, bool RUNS>
 qvit_status blocks_per_sm(int device, int *out)
 {
     static std::atomic<int> cache[MAX_DEVICES];
@@ -232,7 +227,7 @@ qvit_status blocks_per_sm(int device, int *out)
         if (c > 0) { *out = c; return QVIT_OK; }
     }
     int nb = 0;
-    const void *fn = ROWS ? (const void *)fq_rows_kernel<T, V, BWD> : (const void *)fq_cols_kernel<T, V, BWD>;
+    const void *fn = RUNS ? (const void *)fq_runs_kernel<T, V, BWD> : (const void *)fq_cols_kernel<T, V, BWD>;
     const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, fn, NT, 0);
     if (err != cudaSuccess) {
         set_error("cudaOccupancyMaxActiveBlocksPerMultiprocessor", err);
@@ -250,27 +245,27 @@ qvit_status blocks_per_sm(int device, int *out)
 template <typename T, int V, bool BWD>
 qvit_status launch_v(const fq_args &a, int device, int sms, cudaStream_t st, float *part, plan *pl_out)
 {
-    const bool rows = use_rows(a.outer, a.groups, a.inner);
+    const bool runs = use_runs(a.outer, a.groups, a.inner);
     int bps = 0;
-    const qvit_status status = rows ? blocks_per_sm<T, V, BWD, true>(device, &bps)
+    const qvit_status status = runs ? blocks_per_sm<T, V, BWD, true>(device, &bps)
                                     : blocks_per_sm<T, V, BWD, false>(device, &bps);
     if (status != QVIT_OK) return status;
     const plan pl = make_plan(a.outer, a.groups, a.inner, sms, bps, V);
-    if (rows) fq_rows_kernel<T, V, BWD><<<pl.grid, pl.block, 0, st>>>(a, pl.S, part);
+    if (runs) fq_runs_kernel<T, V, BWD><<<pl.grid, pl.block, 0, st>>>(a, pl.S, part);
     else fq_cols_kernel<T, V, BWD><<<pl.grid, pl.block, 0, st>>>(a, part);
     *pl_out = pl;
     return QVIT_OK;
 }
 
 /* 16-byte vectors when every pointer is 16-byte aligned and the contiguous
- * run (inner in the rows mapping, P = G*inner in the cols mapping) is a
+ * run (inner in the runs mapping, P = G*inner in the cols mapping) is a
  * multiple of the vector width; scalars otherwise. */
 template <typename T, bool BWD>
 qvit_status launch_main(const fq_args &a, int device, int sms, cudaStream_t st, float *part, plan *pl)
 {
     constexpr int VV = 16 / (int)sizeof(T);
     const bool al = aligned16(a.x) && aligned16(BWD ? a.gx : a.y) && (!BWD || aligned16(a.gy));
-    const int64_t run = use_rows(a.outer, a.groups, a.inner) ? a.inner : a.groups * a.inner;
+    const int64_t run = use_runs(a.outer, a.groups, a.inner) ? a.inner : a.groups * a.inner;
     if (al && run % VV == 0) return launch_v<T, VV, BWD>(a, device, sms, st, part, pl);
     return launch_v<T, 1, BWD>(a, device, sms, st, part, pl);
 }
@@ -311,13 +306,13 @@ int64_t qvit_fq_cuda_workspace_bytes(const qvit_fq_params *p)
     int sms = 0;
     if (sm_count(p->device, &sms) != QVIT_OK) return -1;
     int64_t outer = p->outer, inner = p->inner;
-    if (p->groups == 1) { inner = outer * inner; outer = inner > 0 ? 1 : 0; }
+    one_run(p->groups, &outer, &inner);
     return workspace_for(outer, p->groups, inner, sms);
 }
 
 qvit_status qvit_fq_forward_cuda(const qvit_fq_params *p)
 {
-    qvit_status st = check_common(p, false);
+    qvit_status st = check_cuda(p, false);
     if (st != QVIT_OK) return st;
     const fq_args a = make_args(p);
     if (a.outer * a.inner == 0) return QVIT_OK;
@@ -339,7 +334,7 @@ qvit_status qvit_fq_forward_cuda(const qvit_fq_params *p)
 
 qvit_status qvit_fq_backward_cuda(const qvit_fq_params *p)
 {
-    qvit_status st = check_common(p, true);
+    qvit_status st = check_cuda(p, true);
     if (st != QVIT_OK) return st;
     const fq_args a = make_args(p);
     device_guard guard;
@@ -376,7 +371,7 @@ qvit_status qvit_fq_backward_cuda(const qvit_fq_params *p)
         if (st != QVIT_OK) return st;
         if ((st = launch_status("fake-quant backward kernel launch")) != QVIT_OK) return st;
         f.n_part = pl.n_part;
-        if (pl.rows) f.S = pl.S;
+        if (pl.runs) f.S = pl.S;
         else f.gy = pl.gy;
     }
     const unsigned blocks = (unsigned)((a.groups + FIN_NT / 32 - 1) / (FIN_NT / 32));

@@ -18,11 +18,25 @@ namespace {
 
 constexpr int NT = 256;                /* threads per block of the streaming kernels */
 constexpr int NWARP = NT / 32;
-/* 16-byte vectors in flight per thread and input in the rows mapping: 64 bytes
+/* 16-byte vectors in flight per thread and input in the runs mapping: 64 bytes
  * for fp32 and for scalars, 32 for fp16 / bf16 (whose unpacked 8-lane vectors
  * would otherwise cost ~110 registers and half the occupancy). */
 template <typename T, int V> struct unroll_for { static constexpr int value = (V > 1 && sizeof(T) == 2) ? 2 : 4; };
 constexpr int FIN_NT = 256;            /* finish kernel: one warp per group */
+
+/* What the warp-synchronous code assumes of the block sizes. The shuffles use
+ * the full mask 0xffffffff, so every warp of a block must be full: NT and
+ * FIN_NT are whole warps, and the cols mapping's block width bx (NT, or the
+ * column count rounded up to a warp) with by = NT / bx keeps bx * by <= NT.
+ * block_sum3 keeps one shared slot per warp (NWARP of them); the launch
+ * bounds are NT and FIN_NT, which a legal block (<= 1024 threads) must not
+ * exceed; fq_table_kernel's shared-memory tree halves FIN_NT down to 1, so it
+ * is a power of two. */
+static_assert(NT % 32 == 0 && NWARP * 32 == NT, "NT must be a whole number of warps");
+static_assert(NT >= 32 && NT <= 1024, "NT must be a legal block size");
+static_assert(FIN_NT % 32 == 0 && FIN_NT >= 32 && FIN_NT <= 1024,
+              "FIN_NT must be a legal block of whole warps (one warp per group)");
+static_assert((FIN_NT & (FIN_NT - 1)) == 0, "fq_table_kernel's tree reduction needs a power of two");
 
 /* ---------------------------------------------------------------- dtypes */
 
@@ -150,14 +164,14 @@ __device__ __forceinline__ void block_sum3(float &r, float &h, float &l)
     }
 }
 
-/* ------------------------------------------------------ rows mapping */
+/* ------------------------------------------------------ runs mapping */
 
 /* One contiguous run of n elements of one group: forward (BWD false) or
  * backward (BWD true, accumulating into r/h/l). UNROLL vectors per thread are
  * loaded before any is used, so each thread keeps several 16-byte loads in
  * flight. In the vector path n is a multiple of V. */
 template <typename T, int V, bool BWD>
-__device__ __forceinline__ void run_rows(const T *__restrict__ x, const T *__restrict__ u,
+__device__ __forceinline__ void do_run(const T *__restrict__ x, const T *__restrict__ u,
                                          T *__restrict__ out, int64_t n, qvit_group_f32 q,
                                          float &r, float &h, float &l)
 {
@@ -198,7 +212,7 @@ __device__ __forceinline__ void run_rows(const T *__restrict__ x, const T *__res
  * [split_at(outer*inner, s, S), split_at(.., s+1, S)) of group g, counted in
  * vectors so that every run starts on a vector boundary. */
 template <typename T, int V, bool BWD>
-__global__ void __launch_bounds__(NT) fq_rows_kernel(fq_args a, int64_t S, float *__restrict__ part)
+__global__ void __launch_bounds__(NT) fq_runs_kernel(fq_args a, int64_t S, float *__restrict__ part)
 {
     const int64_t g = (int64_t)blockIdx.x / S;
     const int64_t s = (int64_t)blockIdx.x - g * S;
@@ -215,7 +229,7 @@ __global__ void __launch_bounds__(NT) fq_rows_kernel(fq_args a, int64_t S, float
         const int64_t col = e - row * a.inner;
         const int64_t n = (end - e) < (a.inner - col) ? (end - e) : (a.inner - col);
         const int64_t base = (row * a.groups + g) * a.inner + col;
-        run_rows<T, V, BWD>(x + base, u + base, out + base, n, q, r, h, l);
+        do_run<T, V, BWD>(x + base, u + base, out + base, n, q, r, h, l);
         e += n;
     }
     if constexpr (BWD) {
@@ -331,8 +345,8 @@ struct fin_args {
     double *grp;            /* [3][groups] scratch for the shared-table case */
     int64_t n_part;
     int64_t groups, inner, outer, scale_groups;
-    int64_t S;              /* rows mapping: partials per group */
-    int64_t gy;             /* cols mapping: row chunks (0 in the rows mapping) */
+    int64_t S;              /* runs mapping: partials per group */
+    int64_t gy;             /* cols mapping: row chunks (0 in the runs mapping) */
     double grad_scale_const;
     int bits_min, bits_max, is_signed;
 };

@@ -9,8 +9,6 @@
 
 #include <string.h>
 
-extern PyMethodDef qv_pool_methods[];
-
 PyDoc_STRVAR(fq_workspace_bytes_doc,
 "fq_workspace_bytes($module, outer, groups, inner, device, /)\n"
 "--\n"
@@ -205,8 +203,7 @@ static int qvit_exec(PyObject *module)
             return -1;
         }
     }
-    if (PyModule_AddFunctions(module, qv_fq_methods) < 0 ||
-        PyModule_AddFunctions(module, qv_pool_methods) < 0) {
+    if (PyModule_AddFunctions(module, qv_fq_methods) < 0) {
         return -1;
     }
 #ifdef QVIT_WITH_CUDA

@@ -444,7 +444,7 @@ def _fwd(**over):
     (dict(y=np.zeros((4, 3, 6), np.float32)), ValueError, "y has shape"),
     (dict(y=np.zeros((4, 3, 5), np.float64)), TypeError, "y must be float32"),
     (dict(bits_min=0), ValueError, "bits_min"),
-    (dict(bits_max=17), ValueError, "bits_max"),
+    (dict(bits_max=25), ValueError, "bits_max <= 24"),
     (dict(bits_min=1, bits_max=7), ValueError, "signed quantizer needs bits_min >= 2"),
     (dict(x=np.ones((4, 3, 8), np.float32)[:, :, ::2]), ValueError, "x must be contiguous"),
     (dict(scale=np.ones((K, 3), np.float32).T), ValueError, "scale must be contiguous"),
@@ -635,3 +635,52 @@ def test_no_reference_or_object_leaks():
     after = len(gc.get_objects())
     assert after - before < 50, f"{after - before} objects leaked over 2000 calls"
     assert refs == [sys.getrefcount(o) for o in (x, scale, bits, off, tx, ts, tb, ty)]
+
+
+# ---------------------------------------------------------------------------
+# the bit-width limit: one value in every layer, and exact at the limit
+# ---------------------------------------------------------------------------
+
+def test_bits_limit_is_one_rule_in_every_layer():
+    from qvit.nn.config import QuantizerConfig
+    from qvit.ops import contract
+
+    lim = contract.BITS_LIMIT
+    assert lim == 24
+    QuantizerConfig(bits=float(lim), bits_range=(2, lim))
+    with pytest.raises(ValueError, match=f"<= {lim}"):
+        QuantizerConfig(bits=4.0, bits_range=(2, lim + 1))
+    x = torch.randn(64)
+    for fn in (ops.fake_quant, reference.fake_quant):
+        with pytest.raises(ValueError, match=f"<= {lim}"):
+            fn(x, torch.full((1, lim), 0.1), torch.tensor([4.0]), bits_range=(2, lim + 1))
+    with pytest.raises(ValueError, match=f"bits_max <= {lim}"):
+        _C.fq_forward(x.numpy(), np.full((1, lim), 0.1, np.float32), np.array([4.0], np.float32),
+                      None, None, dim=0, signed=True, bits_min=2, bits_max=lim + 1)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_kernel_at_the_bits_limit_matches_reference(signed):
+    """At 24 bits the fp32 codes are still exact: the kernel equals the reference bitwise."""
+    from qvit.ops import contract
+
+    lim = contract.BITS_LIMIT
+    br = (lim - 2, lim)
+    gen = torch.Generator().manual_seed(3)
+    # codes spread over the whole range, plus values beyond both ends
+    x = (torch.rand(4096, generator=gen) * 2.2 - (1.1 if signed else 0.1)) * 2.0 ** (lim - 1)
+    scale = torch.tensor([[1.0, 1.0, 1.0]])
+    bits = torch.tensor([float(lim)], requires_grad=True)
+    s = scale.clone().requires_grad_(True)
+    y = ops.fake_quant(x, s, bits, signed=signed, bits_range=br)
+    want = reference.fake_quant_forward(x, scale, bits.detach(), None, signed=signed, dim=0,
+                                        bits_range=br)
+    assert torch.equal(y, want)
+    qn, qp = contract.qrange_of(lim, signed)
+    assert y.min().item() == qn and y.max().item() == qp  # both ends reached, exactly
+    gy = torch.randn(4096, generator=gen)
+    y.backward(gy)
+    gx, gs, gb, _ = reference.fake_quant_backward(gy, x, scale, bits.detach(), None,
+                                                  signed=signed, dim=0, bits_range=br)
+    torch.testing.assert_close(gb, bits.grad, rtol=1e-5, atol=0)
+    torch.testing.assert_close(gs, s.grad, rtol=1e-4, atol=1e-3)

@@ -8,7 +8,7 @@ checks the rest. Three parts:
 * the parametrised op suite (tests/test_ops.py) runs "cuda_emu" as one more
   implementation (conftest.IMPLS), on its small layouts;
 * here, layouts and launch geometries that reach every work mapping and vector path of
-  the kernels (rows / cols, scalar / 16-byte vectors, fp32 / fp16 / bf16, vector rows
+  the kernels (runs / cols, scalar / 16-byte vectors, fp32 / fp16 / bf16, vector rows
   blocks that cross rows, vector cols with more than one column tile, misaligned
   pointers), each asserting from the emulator's launch log which kernel instance ran;
 * planted mutants of the CUDA source, each of which the emulator must report: a
@@ -43,12 +43,12 @@ def emulated():
 # name -> (shape, dim, groups, path): the path the layout reaches with aligned pointers,
 # (mapping, vectors?) and, for two, the geometry property the case exists for.
 LAYOUTS = {
-    "tensor_vec": ((8, 16, 48), 0, 1, ("rows", True)),           # G = 1: one flattened row
-    "tensor_odd": ((1031,), 0, 1, ("rows", False)),
-    "rows_cross": ((3, 2, 1024), 1, 2, ("rows", True)),          # blocks of 1.5 rows (S = 2)
-    "rows_odd": ((3, 2, 1025), 1, 2, ("rows", False)),
-    "weight_rows": ((6 * 16, 20), 0, 6, ("rows", True)),         # outer = 1
-    "one_row": ((1, 24), -1, 24, ("rows", False)),               # outer = 1, inner = 1
+    "tensor_vec": ((8, 16, 48), 0, 1, ("runs", True)),           # G = 1: one flattened row
+    "tensor_odd": ((1031,), 0, 1, ("runs", False)),
+    "rows_cross": ((3, 2, 1024), 1, 2, ("runs", True)),          # blocks of 1.5 rows (S = 2)
+    "rows_odd": ((3, 2, 1025), 1, 2, ("runs", False)),
+    "weight_rows": ((6 * 16, 20), 0, 6, ("runs", True)),         # outer = 1
+    "one_row": ((1, 24), -1, 24, ("runs", False)),               # outer = 1, inner = 1
     "channel": ((300, 96), -1, 96, ("cols", True)),              # partial column tile, by > 1
     "cols_tiles": ((40, 300, 4), 1, 300, ("cols", True)),        # P = 1200: two fp32 tiles
     "cols_tiles_16": ((20, 600, 4), 1, 600, ("cols", True)),     # P = 2400: two 16-bit tiles
@@ -114,7 +114,7 @@ def _misaligned(t):
 
 def test_cases_cover_every_path():
     """The case list reaches each mapping with scalars and with vectors in each dtype."""
-    want = {(m, v, d) for m in ("rows", "cols") for v in (False, True) for d in (F32, F16, BF16)}
+    want = {(m, v, d) for m in ("runs", "cols") for v in (False, True) for d in (F32, F16, BF16)}
     got = set()
     for layout, dtype, *_, mis, _, _ in CASES:
         mapping, vec = LAYOUTS[layout][3]
@@ -252,7 +252,7 @@ def test_mutant_shuffle_mask_is_honoured(tmp_path):
 
 @pytest.mark.slow
 def test_mutant_partial_warp_is_honoured(tmp_path):
-    """A rows block of 240 threads: its last warp has 16 lanes, and the full-warp shuffle
+    """A runs block of 240 threads: its last warp has 16 lanes, and the full-warp shuffle
     mask of the block reduction names 16 that do not exist."""
     from cuda_emu.emu import EmuFault
     m = _mutant(tmp_path, "pl.block = dim3(NT, 1, 1);", "pl.block = dim3(NT - 16, 1, 1);")

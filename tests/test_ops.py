@@ -293,7 +293,8 @@ def test_reference_fallback_for_other_devices():
 
 def test_backend_info_keys():
     info = ops.backend_info()
-    assert set(info) == {"c_loaded", "c_import_error", "cuda_built", "cuda_devices", "exchange_api"}
+    assert set(info) == {"c_loaded", "c_import_error", "cuda_built", "cuda_devices", "cuda_status",
+                         "exchange_api"}
     assert info["c_loaded"] == (info["c_import_error"] is None)
 
 

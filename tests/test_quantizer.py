@@ -85,7 +85,7 @@ def test_mse_fit_signed_matches_brute_force(bits):
 
 
 def test_mse_fit_gaussian_table_shape():
-    # method.md section 2: the MSE step size on N(0,1) roughly halves per extra bit
+    # docs/design.md section 2.6: the MSE step size on N(0,1) roughly halves per extra bit
     x = torch.randn(1, 50000, generator=torch.Generator().manual_seed(0))
     scales = [float(mse_fit(x, b, True, False)[0]) for b in range(2, 9)]
     assert scales[0] == pytest.approx(1.05, rel=0.05)

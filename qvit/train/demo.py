@@ -22,6 +22,25 @@ SPLIT_SEED = 0
 _MARKER = ".qvit-digits-v1"
 
 
+def require_extras() -> None:
+    """The demo's dependencies (the ``demo`` extra), named in one clear error."""
+    import importlib.util
+
+    from ..models.recipe import UsageError
+
+    missing = []
+    for module, package in (("sklearn", "scikit-learn"), ("matplotlib", "matplotlib")):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(package)
+    if missing:
+        raise UsageError(f"the embedded demo needs {' and '.join(missing)}: pip install "
+                         "'qvit[demo]' (or give a data folder to train on)")
+
+
 def write_digits_folder(root: str) -> str:
     """Write the digits as PNGs under ``root`` once; return ``root``.
 
@@ -117,6 +136,7 @@ def run_demo(cfg: TrainConfig, explicit: Collection[str] = ()) -> List[dict]:
     from ..models.budget import average_bits, bitops, model_size_bits
     from ..models.report import plot_bits, report
 
+    require_extras()
     out = cfg.output or os.path.join("output", "demo")
     if os.path.isfile(os.path.join(out, "results.md")):
         print(f"[demo] replacing the earlier demo results in {out}/", flush=True)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..models import checkpoint as ckpt_io
-from ..models.recipe import UsageError, apply_quant, create_model, input_size
+from ..models.recipe import UsageError, apply_quant, create_model, data_config, input_size
 from . import distributed as dist_util
 from . import run_dir
 from .config import TrainConfig
@@ -125,6 +125,7 @@ def _train(cfg: TrainConfig, dinfo) -> Dict[str, Any]:
     model_info = {"name": cfg.model, "kwargs": kwargs}
     model = create_model(cfg.model, kwargs, pretrained=cfg.pretrained,
                          pretrained_path=cfg.pretrained_path)
+    model.__dict__["qvit_data"] = data_config(cfg.to_dict())
     if cfg.initial_checkpoint:
         init = ckpt_io.load(cfg.initial_checkpoint)
         ckpt_io.load_model_state(model, ckpt_io.model_state(init), cfg.initial_checkpoint)

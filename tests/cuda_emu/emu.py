@@ -129,7 +129,9 @@ def build(outdir: str, source: Optional[str] = None, defines=()) -> str:
     # may already have loaded into the process.
     cmd = ["g++", "-O1", "-std=c++17", "-fPIC", "-shared", "-Wl,-Bsymbolic", "-fno-strict-aliasing",
            "-ffp-contract=off", "-I" + cuda_include(), "-I" + CSRC, "-I" + HERE,
-           *[f"-D{d}" for d in defines], src, os.path.join(HERE, "sim_rt.cpp"), "-o", lib]
+           *[f"-D{d}" for d in defines], src, os.path.join(HERE, "sim_rt.cpp"),
+           # the parameter rules the launchers call (C, shared with the CPU path)
+           "-x", "c", os.path.join(CSRC, "fq_params.c"), "-x", "none", "-o", lib]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return lib
 
