@@ -42,6 +42,9 @@ def _cuda_skip():
 def _emu_skip():
     from cuda_emu import emu
     why = emu.unavailable()
+    if why is None and "libasan" in os.environ.get("LD_PRELOAD", ""):
+        why = "ASan is preloaded (scripts/run_sanitizers.sh), and it does not support the " \
+              "emulation's ucontext coroutines"
     return f"host emulation of the CUDA kernels: {why}" if why else None
 
 

@@ -24,6 +24,7 @@ import re
 import pytest
 import torch
 
+from conftest import SKIP_REASON
 from helpers import assert_bitwise, make_params, tie_free_input
 from qvit.ops import reference
 from test_cuda import _check_against_reference
@@ -34,9 +35,8 @@ pytestmark = pytest.mark.cuda_emu
 @pytest.fixture(scope="module")
 def emulated():
     from cuda_emu import emu
-    why = emu.unavailable()
-    if why:
-        pytest.skip(f"host emulation of the CUDA kernels: {why}")
+    if SKIP_REASON["cuda_emu"]:
+        pytest.skip(SKIP_REASON["cuda_emu"])
     return emu.shared()
 
 
@@ -213,6 +213,8 @@ def test_emulated_edge_cases(emulated):
 
 def _mutant(tmp_path, old, new, defines=()):
     from cuda_emu import emu
+    if SKIP_REASON["cuda_emu"]:
+        pytest.skip(SKIP_REASON["cuda_emu"])
     src = emu.cuda_source()
     assert src.count(old) == 1, f"mutation site not found once: {old!r}"
     return emu.Emulated(emu.build(str(tmp_path), src.replace(old, new), defines))
