@@ -1,13 +1,18 @@
 """Builds csrc/fq_cuda.cu (kernels: fq_cuda_kernels.cuh) for the host emulation here, and calls it.
 
 ``build(outdir)`` rewrites the kernel launches (``k<<<grid, block, smem,
-stream>>>(args)`` becomes ``sim_launch(grid, block, [&] { k(args); })``),
-swaps ``cuda_runtime.h`` for ``sim_cuda.h`` and compiles a shared library
+stream>>>(args)`` becomes ``sim_launch(grid, block, <k's __launch_bounds__>,
+<k's instance name>, [&] { k(args); })``), the 16-byte vector casts (into
+alignment-checked ``sim_vec``) and the ``__shared__`` declarations (into
+statics registered for poisoning), swaps ``cuda_runtime.h`` for
+``sim_cuda.h`` and compiles a shared library
 with g++ against the CUDA headers (for cuda_fp16.h / cuda_bf16.h). The
 library exports the real ``extern "C"`` launchers of qvit.h, so the tests
 drive them through a ctypes copy of ``qvit_fq_params`` with CPU tensors
 standing in for device memory. ``sim_sms`` / ``sim_bps`` set the SM count
 and resident blocks per SM the launchers see, to vary the grid geometry.
+A fault (sim_cuda.h lists them) raises :class:`EmuFault`; :meth:`Emulated.launches`
+returns the kernel instances launched, with their grid and block.
 """
 from __future__ import annotations
 
