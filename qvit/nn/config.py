@@ -248,6 +248,9 @@ def preset_lr_base(name: str) -> float:
     return _LR_BASE[name]
 
 
+# QuantizerConfig fields a preset override may set on every quantizer at once
+_ALL_QUANTIZER_FIELDS = ("shared_scale", "init")
+
 # qvit_mixed's side of each difference from the research code (the ablation
 # decides: a qvit choice stays only where it is at least as good).
 QVIT_MIXED_CHOICES = dict(shared_scale=False, init="grid", weight_grouping="head")
@@ -255,6 +258,9 @@ QVIT_MIXED_CHOICES = dict(shared_scale=False, init="grid", weight_grouping="head
 
 def preset(name: str, **overrides) -> QViTConfig:
     """A named recipe, with fields of :class:`QViTConfig` overridden.
+
+    ``shared_scale`` and ``init`` are also accepted: they set that field of
+    every quantizer (e.g. ``preset("qvit_mixed", init="official")``).
 
     * ``"lsq_w4a4"``: uniform LSQ, fixed 4-bit weights and activations.
     * ``"uniform_w3a3"``: the same at 3 bits.
@@ -283,8 +289,13 @@ def preset(name: str, **overrides) -> QViTConfig:
     else:
         raise ValueError(f"preset name {name!r} is unknown; expected one of {PRESETS}")
     if overrides:
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(QViTConfig)}
+        top = {f.name for f in dataclasses.fields(QViTConfig)}
+        unknown = set(overrides) - top - set(_ALL_QUANTIZER_FIELDS)
         if unknown:
-            raise ValueError(f"preset overrides {sorted(unknown)} are not fields of QViTConfig")
+            raise ValueError(f"preset overrides {sorted(unknown)} are not fields of QViTConfig "
+                             f"or one of {_ALL_QUANTIZER_FIELDS}")
+        per_q = {k: overrides.pop(k) for k in list(overrides) if k in _ALL_QUANTIZER_FIELDS}
+        if per_q:
+            cfg = cfg.replace(**{n: q.replace(**per_q) for n, q in cfg.quantizers()})
         cfg = dataclasses.replace(cfg, **overrides)
     return cfg

@@ -13,7 +13,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 PROG = "qvit"
-QUANT_CHOICES = ("none", "lsq_w4a4", "uniform_w3a3", "qvit_mixed")
+QUANT_CHOICES = ("none", "lsq_w4a4", "uniform_w3a3", "qvit_mixed", "qvit_official")
 EXIT_USAGE = 2
 
 
@@ -115,6 +115,17 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     hw.add_argument("--head-wise", dest="head_wise", action="store_true", default=None)
     hw.add_argument("--no-head-wise", dest="head_wise", action="store_false")
     q.add_argument("--first-last-bits", type=int, default=None)
+    ss = q.add_mutually_exclusive_group()
+    ss.add_argument("--shared-scale", dest="shared_scale", action="store_true", default=None,
+                    help="one switchable scale table per quantizer, shared by its heads "
+                         "(research code; default: the preset's)")
+    ss.add_argument("--no-shared-scale", dest="shared_scale", action="store_false")
+    q.add_argument("--scale-init", dest="init", default=None, choices=("grid", "official"),
+                   help="scale initialisation: qvit's grid start or the research code's "
+                        "(default: the preset's)")
+    q.add_argument("--weight-grouping", default=None, choices=("head", "transposed"),
+                   help="head groups of attention weights: real heads or the research code's "
+                        "transposed grouping (default: the preset's)")
     q.add_argument("--bit-lr", type=float, default=1.0, help="lr multiplier for bit-widths")
     q.add_argument("--scale-lr", type=float, default=1.0, help="lr multiplier for scales/offsets")
     q.add_argument("--freeze-bits-at", type=float, default=0.9,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import os
 import time
-from typing import List
+from typing import List, Tuple
 
 VAL_FRACTION = 0.2
 SPLIT_SEED = 0
@@ -106,6 +106,47 @@ def _passthrough(args) -> List[str]:
         else:
             out += [flag, str(value)]
     return out
+
+
+# --------------------------------------------------------------- statistics
+# two-sided 95 % Student t quantiles t_{0.975, df}
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def mean_std(values: List[float]) -> Tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    import statistics
+
+    v = list(values)
+    return statistics.mean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+
+
+def paired_verdict(a: List[float], b: List[float]) -> Tuple[float, float, str]:
+    """Verdict of ``a`` vs ``b`` from the per-seed differences ``d = a - b``.
+
+    Rule: ``win`` when the 95 % t confidence interval of the mean difference,
+    ``mean(d) +- t_{0.975, n-1} * std(d) / sqrt(n)``, lies above 0, ``loss``
+    when it lies below 0, ``level`` otherwise (and always with one seed).
+
+    Returns:
+        ``(mean(d), std(d), verdict)``.
+    """
+    import math
+
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_verdict needs two equally long non-empty lists, "
+                         f"got {len(a)} and {len(b)}")
+    d = [x - y for x, y in zip(a, b)]
+    m, sd = mean_std(d)
+    n = len(d)
+    if n < 2:
+        return m, sd, "level"
+    df = n - 1
+    t = _T975.get(df) or _T975[max(k for k in _T975 if k <= df)]
+    half = t * sd / math.sqrt(n)
+    verdict = "win" if m - half > 0 else ("loss" if m + half < 0 else "level")
+    return m, sd, verdict
 
 
 def _run(argv: List[str]):

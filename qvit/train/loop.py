@@ -49,6 +49,9 @@ def quant_spec(args) -> Optional[Dict[str, Any]]:
         overrides["head_wise"] = bool(args.head_wise)
     if args.first_last_bits is not None:
         overrides["first_last_bits"] = int(args.first_last_bits)
+    for key in ("shared_scale", "init", "weight_grouping"):  # differences from the research code
+        if getattr(args, key, None) is not None:
+            overrides[key] = getattr(args, key)
     return {"preset": args.quant, "overrides": overrides}
 
 
