@@ -158,7 +158,7 @@ def test_digits_folder_written_once_and_stratified(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timm
 def test_demo_end_to_end_tiny(tmp_path, monkeypatch):
-    """`qvit train` with no data: the demo's four runs, table, CSV and PNG (shrunk model)."""
+    """`qvit train` with no data: the demo's runs, table with statistics and verdicts, CSV, PNG."""
     pytest.importorskip("sklearn")
     import csv
 
@@ -170,16 +170,27 @@ def test_demo_end_to_end_tiny(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "IMG_SIZE", 8)
     out = tmp_path / "demo"
     assert main(["train", "--output", str(out), "--epochs", "1", "--no-progress", "--quiet",
-                 "--no-tensorboard"]) == 0
+                 "--no-tensorboard", "--seeds", "0", "1"]) == 0
     for f in ("results.md", "results.csv", "bits.png", "mixed_bits.txt"):
         assert (out / f).stat().st_size > 0, f
     with open(out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert [r["method"] for r in rows] == ["float (32-bit)", "uniform W4A4 (LSQ)",
-                                           "uniform W3A3 (LSQ)", "Q-ViT mixed, 3-bit budget"]
+    runs = ["uniform W4A4 (LSQ)", "uniform W3A3 (LSQ)", "Q-ViT mixed, 3-bit budget",
+            "uniform W2A2 (LSQ)", "Q-ViT mixed, 2-bit budget"]
+    assert [r["method"] for r in rows] == ["float (32-bit)", *runs, *runs]
+    assert [r["seed"] for r in rows] == ["0"] * 6 + ["1"] * 5
     assert all(0 <= float(r["top1"]) <= 100 for r in rows)
-    w4, w3 = rows[1], rows[2]
-    assert float(w4["gbitops"]) > float(w3["gbitops"]) > 0
+    w4, w3, w2 = rows[1], rows[2], rows[4]
+    assert float(w4["gbitops"]) > float(w3["gbitops"]) > float(w2["gbitops"]) > 0
     assert float(rows[0]["gbitops"]) > float(w4["gbitops"])
+    # the verdicts are computed from the paired per-seed differences
+    from qvit.train.demo import paired_verdict
+    table = (out / "results.md").read_text()
+    for mixed, uniform in demo.PAIRS:
+        a = [float(r["top1"]) for r in rows if r["method"] == mixed]
+        b = [float(r["top1"]) for r in rows if r["method"] == uniform]
+        m, sd, v = paired_verdict(a, b)
+        assert f"{mixed} vs {uniform}" in table and f"{m:+.2f} ± {sd:.2f} points" in table
+        assert f"**{v}**" in table
     # the cached digits folder is reused by a second call
     assert (out / "data" / "digits" / "train").is_dir()

@@ -263,3 +263,18 @@ def test_official_train_step_runs():
     assert qm.blocks[0].attn.qkv.weight_quant.bits.grad is not None
     assert qm.blocks[0].attn.qkv.weight_quant.scale.grad.shape == (3, 7)
     opt.step()
+
+
+def test_paired_verdict_rule():
+    """win / loss only when the 95 % t interval of the mean paired difference excludes 0."""
+    from qvit.train.demo import paired_verdict
+
+    # d = [1, 2, 3]: mean 2, sd 1, half-width 4.303 / sqrt(3) = 2.484 -> level
+    assert paired_verdict([11, 12, 13], [10, 10, 10]) == (2.0, 1.0, "level")
+    # d = [2, 2.1, 1.9]: mean 2, sd 0.1, half-width 0.248 -> win
+    m, sd, v = paired_verdict([12, 12.1, 11.9], [10, 10, 10])
+    assert v == "win" and m == pytest.approx(2.0) and sd == pytest.approx(0.1)
+    assert paired_verdict([8, 7.9, 8.1], [10, 10, 10])[2] == "loss"
+    assert paired_verdict([5.0], [1.0])[2] == "level"
+    with pytest.raises(ValueError, match="paired_verdict"):
+        paired_verdict([1.0], [1.0, 2.0])

@@ -229,12 +229,13 @@ def _uniform(bits: float, learn: bool = False, head_wise: bool = False,
     )
 
 
-PRESETS = ("lsq_w4a4", "uniform_w3a3", "qvit_mixed", "qvit_official")
+PRESETS = ("lsq_w4a4", "uniform_w3a3", "uniform_w2a2", "qvit_mixed", "qvit_official")
 
 # Learning rate at a total batch of 512 (lr = lr_base * batch / 512), as in the
 # research code's scripts: 5e-4 for the uniform LSQ baselines
 # (uniform_train.sh), 2e-4 for learned bits (mixed_train.sh).
-_LR_BASE = {"lsq_w4a4": 5e-4, "uniform_w3a3": 5e-4, "qvit_mixed": 2e-4, "qvit_official": 2e-4}
+_LR_BASE = {"lsq_w4a4": 5e-4, "uniform_w3a3": 5e-4, "uniform_w2a2": 5e-4, "qvit_mixed": 2e-4,
+            "qvit_official": 2e-4}
 
 
 def preset_lr_base(name: str) -> float:
@@ -263,7 +264,7 @@ def preset(name: str, **overrides) -> QViTConfig:
     every quantizer (e.g. ``preset("qvit_mixed", init="official")``).
 
     * ``"lsq_w4a4"``: uniform LSQ, fixed 4-bit weights and activations.
-    * ``"uniform_w3a3"``: the same at 3 bits.
+    * ``"uniform_w3a3"``, ``"uniform_w2a2"``: the same at 3 and 2 bits.
     * ``"qvit_mixed"``: Q-ViT as qvit recommends: learned bits starting at 5/5
       in [2, 8], head-wise, per-bit-width (switchable) scale tables; its
       table sharing, initialisation and weight grouping are those the
@@ -281,6 +282,8 @@ def preset(name: str, **overrides) -> QViTConfig:
         cfg = _uniform(4.0)
     elif name == "uniform_w3a3":
         cfg = _uniform(3.0)
+    elif name == "uniform_w2a2":
+        cfg = _uniform(2.0)
     elif name == "qvit_mixed":
         cfg = _uniform(5.0, learn=True, head_wise=True, **QVIT_MIXED_CHOICES)
     elif name == "qvit_official":

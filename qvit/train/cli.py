@@ -13,7 +13,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 PROG = "qvit"
-QUANT_CHOICES = ("none", "lsq_w4a4", "uniform_w3a3", "qvit_mixed", "qvit_official")
+QUANT_CHOICES = ("none", "lsq_w4a4", "uniform_w3a3", "uniform_w2a2", "qvit_mixed", "qvit_official")
 EXIT_USAGE = 2
 
 
