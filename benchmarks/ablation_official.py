@@ -4,7 +4,8 @@ On the embedded digits benchmark of ``qvit train`` (the demo's data, model and
 Q-ViT flags: 3-bit BitOPs budget), per seed: one float run, then QAT from it
 with ``qvit_mixed`` and with one of its choices switched to the research
 code's (``--shared-scale``, ``--scale-init official``, ``--weight-grouping
-transposed``), and with ``--all-three`` all three (``qvit_official``'s model
+transposed``; the TrainConfig fields ``shared_scale``, ``scale_init``,
+``weight_grouping``), and with ``--all-three`` all three (``qvit_official``'s model
 side). Prints
 top-1 mean +- std over seeds and the paired difference to ``qvit_mixed``
 with the demo's win / level / loss rule (95 % t interval of the mean paired
@@ -25,21 +26,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from qvit.train import demo  # noqa: E402
 
 VARIANTS = [
-    # (label, extra flags): qvit_mixed, then one research-code choice at a time
-    ("qvit_mixed", []),
-    ("+ shared tables (per quantizer)", ["--shared-scale"]),
-    ("+ official init", ["--scale-init", "official"]),
-    ("+ transposed weight groups", ["--weight-grouping", "transposed"]),
+    # (label, TrainConfig settings): qvit_mixed, then one research-code choice at a time
+    ("qvit_mixed", {}),
+    ("+ shared tables (per quantizer)", dict(shared_scale=True)),
+    ("+ official init", dict(scale_init="official")),
+    ("+ transposed weight groups", dict(weight_grouping="transposed")),
 ]
 ALL_THREE = ("all three (qvit_official model side)",
-             ["--shared-scale", "--scale-init", "official", "--weight-grouping", "transposed"])
-
-
-def _mixed_flags():
-    for label, name, flags in demo.METHODS:
-        if name == "qvit_mixed":
-            return flags
-    raise RuntimeError("demo.METHODS has no qvit_mixed run")
+             dict(shared_scale=True, scale_init="official", weight_grouping="transposed"))
+BUDGET_BITS = 3.0
 
 
 def main(argv=None) -> int:
@@ -57,19 +52,20 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(a.threads)
     data = demo.write_digits_folder(os.path.join(a.output, "data", "digits"))
-    quiet = ["--no-progress", "--quiet", "--no-tensorboard", "--threads", str(a.threads)]
+    quiet = dict(no_progress=True, quiet=True, no_tensorboard=True, threads=a.threads)
     top1 = {label: [] for label, _ in variants}
     t0 = time.time()
     for seed in a.seeds:
         root = os.path.join(a.output, f"seed{seed}")
-        base = [data, *demo._common(), "--seed", str(seed), *quiet]  # noqa: SLF001
-        demo._run([*base, *demo.FLOAT_ARGS, "--epochs", str(a.float_epochs),  # noqa: SLF001
-                   "--output", os.path.join(root, "float")])
+        base = demo._common(seed).replace(data_dir=data, **quiet)  # noqa: SLF001
+        demo._run(base.replace(**demo.FLOAT_RUN, epochs=a.float_epochs,  # noqa: SLF001
+                               output=os.path.join(root, "float")))
         ckpt = os.path.join(root, "float", "last.pth")
-        for i, (label, flags) in enumerate(variants):
-            s = demo._run([*base, *demo.QAT_ARGS, "--quant", "qvit_mixed", *_mixed_flags(),  # noqa: SLF001
-                           *flags, "--epochs", str(a.epochs), "--initial-checkpoint", ckpt,
-                           "--output", os.path.join(root, f"v{i}")])
+        for i, (label, change) in enumerate(variants):
+            s = demo._run(base.replace(  # noqa: SLF001
+                **demo.QAT_RUN, **demo.MIXED, **change, quant="qvit_mixed",
+                target_bits=BUDGET_BITS, epochs=a.epochs, initial_checkpoint=ckpt,
+                output=os.path.join(root, f"v{i}")))
             top1[label].append(float(s["final_top1"]))
             print(f"[ablation] seed {seed} {label}: top-1 {top1[label][-1]:.2f} "
                   f"({time.time() - t0:.0f} s)", flush=True)

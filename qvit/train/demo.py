@@ -5,27 +5,49 @@ scikit-learn (no network); they are written once as a PNG image folder
 (``train/<digit>/*.png``, ``val/<digit>/*.png``, a fixed stratified split) and
 read back through the same timm loader a user's ImageNet folder goes through.
 A small DeiT is trained in float once, then quantization-aware from those
-weights, once per seed (3 by default): uniform W4A4, W3A3 and W2A2, and Q-ViT
+weights once per seed (3 by default): uniform W4A4, W3A3 and W2A2, and Q-ViT
 mixed head-wise bits at the uniform 3-bit and 2-bit BitOPs budgets. The run
 ends with a table (mean +- std over seeds), the verdict of Q-ViT mixed vs
 uniform at each budget computed from the paired per-seed differences
 (:func:`paired_verdict`), and a PNG of the learned bits.
 
 The digits are tiny (1,438 training images of 8x8 pixels), so the demo sets
-its own recipe explicitly instead of the ImageNet one `qvit train DATA`
-defaults to (no mixup / cutmix / RandAugment / random erasing / repeated
-augmentation, fixed learning rates, mild crops); the settings are printed.
+its own recipe explicitly (:data:`RECIPE`, printed at the start) instead of
+the research code's ImageNet recipe that `qvit train DATA` defaults to: no
+mixup / cutmix / RandAugment / random erasing / repeated augmentation, fixed
+learning rates, mild crops.
 """
 from __future__ import annotations
 
 import csv
 import os
 import time
-from typing import List, Tuple
+from typing import Collection, List, Tuple
+
+from .config import TrainConfig
 
 VAL_FRACTION = 0.2
 SPLIT_SEED = 0
 _MARKER = ".qvit-digits-v1"
+
+
+def require_extras() -> None:
+    """The demo's dependencies (the ``demo`` extra), named in one clear error."""
+    import importlib.util
+
+    from ..models.recipe import UsageError
+
+    missing = []
+    for module, package in (("sklearn", "scikit-learn"), ("matplotlib", "matplotlib")):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(package)
+    if missing:
+        raise UsageError(f"the embedded demo needs {' and '.join(missing)}: pip install "
+                         "'qvit[demo]' (or give a data folder to train on)")
 
 
 def write_digits_folder(root: str) -> str:
@@ -65,65 +87,47 @@ def write_digits_folder(root: str) -> str:
 # A DeiT small enough for two CPU cores: 16x16 upsampled digits, 4x4 patches
 # (16 tokens + cls), width 96, 3 heads, depth 4.
 MODEL = "deit_tiny_patch16_224"
-MODEL_KWARGS = ["patch_size=4", "embed_dim=96", "depth=4", "num_heads=3"]
+MODEL_KWARGS = {"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3}
 IMG_SIZE = 16
 FLOAT_EPOCHS = 15
 QAT_EPOCHS = 6
-SEEDS = [0, 1, 2]
-# The demo's recipe, for tiny grey digits (every flag explicit: `qvit train
-# DATA` defaults to the research code's ImageNet recipe instead).
-RECIPE = [
-    "-b", "64", "-j", "0", "--opt", "adamw", "--sched", "cosine", "--weight-decay", "0.05",
-    "--smoothing", "0.1",
-    # digits: no flips, mild crops, grey images centred at 0.5
-    "--mean", "0.5", "0.5", "0.5", "--std", "0.5", "0.5", "0.5", "--crop-pct", "1.0",
-    "--interpolation", "bilinear", "--scale", "0.7", "1.0", "--ratio", "0.9", "1.1",
-    "--hflip", "0", "--color-jitter", "0",
-]
+SEEDS = (0, 1, 2)
+# The demo's recipe, for tiny grey digits: every setting explicit, since
+# `qvit train DATA` defaults to the research code's ImageNet recipe instead.
+RECIPE = dict(
+    batch_size=64, workers=0, opt="adamw", sched="cosine", weight_decay=0.05, smoothing=0.1,
+    # digits: no flips, mild crops, grey images centred at 0.5; no RandAugment, no random
+    # erasing, no mixup / cutmix, no repeated augmentation
+    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0, interpolation="bilinear",
+    scale=(0.7, 1.0), ratio=(0.9, 1.1), hflip=0.0, color_jitter=0.0, aa="none", reprob=0.0,
+    mixup=0.0, cutmix=0.0, aug_repeats=0)
 
 
-def _common() -> List[str]:
-    return ["--model", MODEL, "--img-size", str(IMG_SIZE), "--model-kwargs", *MODEL_KWARGS,
-            *RECIPE]
+def _common(seed: int) -> TrainConfig:
+    return TrainConfig(
+        model=MODEL, img_size=IMG_SIZE, model_kwargs=dict(MODEL_KWARGS), seed=seed, **RECIPE,
+        # the demo replaces its own earlier results (run_demo says so)
+        overwrite=True)
 
 
-FLOAT_ARGS = ["--quant", "none", "--lr", "2e-3", "--warmup-epochs", "1"]
-QAT_ARGS = ["--lr", "5e-4", "--calib-batches", "1"]
-_MIXED = ["--budget-relative", "--budget-weight", "10", "--bit-lr", "100", "--head-wise"]
+# fixed learning rates (not lr_base x batch / 512): tuned for this data
+FLOAT_RUN = dict(quant="none", lr=2e-3, warmup_epochs=1)
+QAT_RUN = dict(lr=5e-4, calib_batches=1)
+MIXED = dict(budget_relative=True, budget_weight=10.0, bit_lr=100.0, head_wise=True)
 METHODS = [
-    # (label, preset, extra flags)
-    ("uniform W4A4 (LSQ)", "lsq_w4a4", []),
-    ("uniform W3A3 (LSQ)", "uniform_w3a3", []),
-    ("Q-ViT mixed, 3-bit budget", "qvit_mixed", ["--target-bits", "3", *_MIXED]),
-    ("uniform W2A2 (LSQ)", "uniform_w2a2", []),
-    ("Q-ViT mixed, 2-bit budget", "qvit_mixed", ["--target-bits", "2", *_MIXED]),
+    # (label, preset, extra settings)
+    ("uniform W4A4 (LSQ)", "lsq_w4a4", {}),
+    ("uniform W3A3 (LSQ)", "uniform_w3a3", {}),
+    ("Q-ViT mixed, 3-bit budget", "qvit_mixed", dict(target_bits=3.0, **MIXED)),
+    ("uniform W2A2 (LSQ)", "uniform_w2a2", {}),
+    ("Q-ViT mixed, 2-bit budget", "qvit_mixed", dict(target_bits=2.0, **MIXED)),
 ]
 # (Q-ViT mixed, uniform at the same BitOPs budget): the comparisons of the verdict
 PAIRS = [("Q-ViT mixed, 3-bit budget", "uniform W3A3 (LSQ)"),
          ("Q-ViT mixed, 2-bit budget", "uniform W2A2 (LSQ)")]
-# flags of `qvit train` that the demo passes through to every run
+# settings of `qvit train` that the demo passes through to every run
 PASS_THROUGH = ("workers", "device", "threads", "no_progress", "quiet", "amp", "amp_dtype",
                 "no_tensorboard")
-
-
-def _passthrough(args) -> List[str]:
-    from .cli import build_parser
-
-    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]  # noqa: SLF001
-    out: List[str] = []
-    for action in train_parser._actions:  # noqa: SLF001
-        if action.dest not in PASS_THROUGH or not action.option_strings:
-            continue
-        value = getattr(args, action.dest, None)
-        if value == action.default:
-            continue
-        flag = action.option_strings[-1]
-        if isinstance(value, bool):
-            if value:
-                out.append(flag)
-        else:
-            out += [flag, str(value)]
-    return out
 
 
 # --------------------------------------------------------------- statistics
@@ -167,11 +171,10 @@ def paired_verdict(a: List[float], b: List[float]) -> Tuple[float, float, str]:
     return m, sd, verdict
 
 
-def _run(argv: List[str]):
-    from .cli import parse_train_args
+def _run(cfg: TrainConfig):
     from .loop import train
 
-    return train(parse_train_args(argv))
+    return train(cfg)
 
 
 def _float_costs(qmodel):
@@ -182,46 +185,56 @@ def _float_costs(qmodel):
             uniform_size_bits(qmodel, 32, first_last_bits=32) / 8 / 1024)
 
 
-def run_demo(args) -> List[dict]:
+def run_demo(cfg: TrainConfig, explicit: Collection[str] = ()) -> List[dict]:
     """The embedded default of `qvit train`: float once, then per seed uniform
-    W4A4 / W3A3 / W2A2 and Q-ViT mixed at the 3- and 2-bit budgets."""
+    W4A4 / W3A3 / W2A2 and Q-ViT mixed at the 3- and 2-bit budgets.
+
+    ``cfg``: the user's settings; the demo takes ``output``, ``seeds``,
+    ``epochs`` (when in ``explicit``: QAT epochs, float runs twice as many) and
+    the :data:`PASS_THROUGH` settings from it.
+    """
     import torch
 
     from ..models.budget import average_bits, bitops, model_size_bits
     from ..models.report import plot_bits, report
 
-    out = args.output or os.path.join("output", "demo")
+    require_extras()
+    out = cfg.output or os.path.join("output", "demo")
+    if os.path.isfile(os.path.join(out, "results.md")):
+        print(f"[demo] replacing the earlier demo results in {out}/", flush=True)
     os.makedirs(out, exist_ok=True)
     cache = os.environ.get("QVIT_CACHE") or os.path.join(out, "data")
     data = write_digits_folder(os.path.join(cache, "digits"))
-    seeds = args.seeds if args.seeds else list(SEEDS)
-    qat_epochs = args.epochs if args.epochs != 300 else QAT_EPOCHS
-    float_epochs = FLOAT_EPOCHS if args.epochs == 300 else max(1, 2 * args.epochs)
-    extra = _passthrough(args)
-    print(f"[demo] recipe (digits; set here, not the ImageNet defaults): {' '.join(RECIPE)}; "
-          f"float {' '.join(FLOAT_ARGS[2:])}, {float_epochs} epochs; QAT {' '.join(QAT_ARGS)}, "
-          f"{qat_epochs} epochs; Q-ViT mixed {' '.join(_MIXED)}", flush=True)
+    seeds = list(cfg.seeds) if cfg.seeds else list(SEEDS)
+    qat_epochs = cfg.epochs if "epochs" in explicit else QAT_EPOCHS
+    float_epochs = max(1, 2 * cfg.epochs) if "epochs" in explicit else FLOAT_EPOCHS
+    defaults = TrainConfig()
+    passed = {k: getattr(cfg, k) for k in PASS_THROUGH
+              if k in explicit or getattr(cfg, k) != getattr(defaults, k)}
+    recipe = " ".join(f"{k}={v}" for k, v in RECIPE.items())
+    print(f"[demo] recipe (set for the digits, not `qvit train DATA`'s ImageNet defaults): "
+          f"{recipe}; float {FLOAT_RUN}, {float_epochs} epochs; QAT {QAT_RUN}, {qat_epochs} "
+          f"epochs; Q-ViT mixed {MIXED}", flush=True)
     t0 = time.time()
     rows: List[dict] = []
     mixed_model = None
     # one float model (first seed); every seed's QAT runs start from it
     print(f"[demo] float {float_epochs} epochs (seed {seeds[0]})", flush=True)
-    f = _run([data, *_common(), "--seed", str(seeds[0]), *extra, *FLOAT_ARGS,
-              "--epochs", str(float_epochs), "--output", os.path.join(out, "float")])
+    f = _run(_common(seeds[0]).replace(data_dir=data, **passed, **FLOAT_RUN, epochs=float_epochs,
+                                       output=os.path.join(out, "float")))
     float_ckpt = os.path.join(out, "float", "last.pth")
     float_row = {"method": "float (32-bit)", "seed": seeds[0], "top1": f["final_top1"],
                  "wbits": 32.0, "abits": 32.0}
     rows.append(float_row)
     for seed in seeds:
         run_root = os.path.join(out, f"seed{seed}")
-        base = [data, *_common(), "--seed", str(seed), *extra]
-        for label, name, flags in METHODS:
+        base = _common(seed).replace(data_dir=data, **passed)
+        for label, name, extra in METHODS:
             print(f"[demo] seed {seed}: {label}, {qat_epochs} epochs", flush=True)
-            tag = name + (f"_{flags[flags.index('--target-bits') + 1]}bit"
-                          if "--target-bits" in flags else "")
-            s = _run([*base, *QAT_ARGS, "--quant", name, *flags, "--epochs", str(qat_epochs),
-                      "--initial-checkpoint", float_ckpt,
-                      "--output", os.path.join(run_root, tag)])
+            tag = name + (f"_{extra['target_bits']:g}bit" if "target_bits" in extra else "")
+            s = _run(base.replace(**QAT_RUN, **extra, quant=name, epochs=qat_epochs,
+                                  initial_checkpoint=float_ckpt,
+                                  output=os.path.join(run_root, tag)))
             m = s["model_obj"]
             with torch.no_grad():
                 m.eval()
@@ -276,7 +289,8 @@ def _write_results(rows: List[dict], seeds, out: str, wall: float) -> str:
     for r in rows:
         if r["method"] not in methods:
             methods.append(r["method"])
-    lines = [f"digits (sklearn 8x8, 16x16 input), {MODEL} with {' '.join(MODEL_KWARGS)}; "
+    lines = [f"digits (sklearn 8x8, 16x16 input), {MODEL} with "
+             f"{' '.join(f'{k}={v}' for k, v in MODEL_KWARGS.items())}; "
              f"QAT seeds {list(seeds)} from one float model; top-1 on the "
              f"{int(VAL_FRACTION * 100)}% validation split (final epoch, mean ± std over seeds)",
              "",
@@ -292,9 +306,9 @@ def _write_results(rows: List[dict], seeds, out: str, wall: float) -> str:
             return sum(v) / len(v) if v else float("nan")
         lines.append(f"| {m} | {mean:.2f} ± {sd:.2f} | {per} | {avg('wbits'):.2f} | "
                      f"{avg('abits'):.2f} | {avg('gbitops'):.4f} | {avg('size_kb'):.1f} |")
-    lines += ["", "Q-ViT mixed vs uniform at the same BitOPs budget (paired by seed: "
-              "mean ± std of the per-seed top-1 difference; win / loss when the 95 % t "
-              "interval of the mean difference lies above / below 0, else level):", *verdicts(rows)]
+    lines += ["", "Q-ViT mixed vs uniform at the same BitOPs budget (paired by seed: mean ± std "
+              "of the per-seed top-1 difference; win / loss when the 95 % t interval of the "
+              "mean difference lies above / below 0, else level):", *verdicts(rows)]
     lines.append(f"wall time: {wall:.0f} s")
     table = "\n".join(lines)
     with open(os.path.join(out, "results.md"), "w") as f:
