@@ -185,6 +185,12 @@ def create_loader(split_dir: str, cfg: LoaderConfig, *, is_training: bool,
     if not is_training and distributed:
         dataset = _Shard(dataset, rank, world)
         distributed = False  # sharded by hand: no padding duplicates
+    if is_training and distributed and cfg.aug_repeats and len(dataset) < 256:
+        # timm's RepeatAugSampler (like DeiT's RASampler) keeps len // 256 * 256 / world
+        # images per epoch
+        raise DataError(f"data folder {split_dir!r} has {len(dataset)} images: repeated "
+                        f"augmentation (--aug-repeats {cfg.aug_repeats}) keeps whole multiples "
+                        "of 256 images per epoch, so none; give --aug-repeats 0")
     if is_training and len(dataset) < cfg.batch_size * (world if distributed else 1):
         raise DataError(f"data folder {split_dir!r} has {len(dataset)} images, fewer than one "
                         f"batch ({cfg.batch_size} x {world if distributed else 1} processes)")
