@@ -9,8 +9,10 @@ Head-wise groups follow the memory layout of timm's fused qkv: output row
 ``r`` of the qkv weight belongs to (s, h) = (r // A, (r % A) // d) with
 ``A = heads * d``, so W_q/W_k/W_v are grouped by **output rows** per head
 (3H groups along dim 0) and W_proj by **input columns** per head (H groups
-along dim 1). (The released research code groups the transposed axis, which is
-not head-aligned.) q, k and v are fake-quantized in one op call on the qkv
+along dim 1). ``QViTConfig.weight_grouping="transposed"`` reproduces the
+released research code instead, which groups the transposed axis (input
+columns of W_q/W_k/W_v, output rows of W_proj; not head-aligned). The qkv
+weight quantizer stands for three (W_q, W_k, W_v: ``units=3``). q, k and v are fake-quantized in one op call on the qkv
 output viewed as ``[B*N, 3H, d]`` (contiguous, no copies), with the three
 quantizers' bit and scale tables concatenated.
 
@@ -29,7 +31,56 @@ from .quantizer import Quantizer, fused_fake_quant
 from ._adopt import adopt, to_float
 from .linear import BitsFn, QLinear, group_bits
 
-__all__ = ["QAttention", "QWindowAttention"]
+__all__ = ["QAttention", "QWindowAttention", "QKVColumnGroups"]
+
+
+class QKVColumnGroups(QLinear):
+    """The fused qkv linear with the research code's weight grouping.
+
+    Group ``(s, h)`` of the ``[3C, C_in]`` weight is the ``h``-th block of
+    ``C_in / H`` **input columns** of W_s (s = q, k, v), 3H groups; the
+    quantizer sees the weight as ``[C, 3H, C_in / H]`` (``dim=1``), a copy.
+    BitOPs: ``C * sum_s sum_j b_w[s, j] b_a[j]`` per position.
+    """
+
+    heads: int
+
+    def weight_to_groups(self, w: Tensor) -> Tensor:
+        """``[3C, C_in]`` -> ``[C, 3H, C_in / H]`` (group index ``s*H + h``)."""
+        c3, cin = w.shape
+        return w.reshape(3, c3 // 3, self.heads, cin // self.heads).transpose(0, 1).reshape(
+            c3 // 3, 3 * self.heads, cin // self.heads)
+
+    def weight_from_groups(self, wg: Tensor) -> Tensor:
+        c, _, dd = wg.shape
+        return wg.reshape(c, 3, self.heads * dd).transpose(0, 1).reshape(3 * c, self.heads * dd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.positions = x.numel() // self.in_features
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        w = self.weight
+        if self.weight_quant is not None:
+            w = self.weight_from_groups(self.weight_quant(self.weight_to_groups(w)))
+        return torch.nn.functional.linear(x, w, self.bias)
+
+    @torch.no_grad()
+    def init_weight_quantizers(self) -> None:
+        if self.weight_quant is not None and self.weight_quant.enabled:
+            self.weight_quant.init_from(self.weight_to_groups(self.weight))
+
+    def _col_bits(self, bits_of: BitsFn) -> Tensor:
+        """Weight bits ``[3, C_in]`` of every (W_s, input column)."""
+        bw = group_bits(bits_of, self.weight_quant, 3 * self.heads, self.weight)
+        return bw.reshape(3, self.heads).repeat_interleave(self.in_features // self.heads, dim=1)
+
+    def qvit_bitops(self, bits_of: BitsFn) -> Tensor:
+        ba = group_bits(bits_of, self.act_quant, self.in_features, self.weight)
+        c = self.out_features // 3
+        return c * (self._col_bits(bits_of) * ba).sum() * self.positions
+
+    def qvit_size(self, bits_of: BitsFn) -> Tensor:
+        return self._col_bits(bits_of).sum() * (self.out_features // 3)
 
 
 class _QAttentionBase(nn.Module):
@@ -44,10 +95,12 @@ class _QAttentionBase(nn.Module):
     def from_attention(cls, attn: nn.Module, *, weight: Optional[QuantizerConfig],
                        act: Optional[QuantizerConfig], attn_cfg: Optional[QuantizerConfig],
                        probs: Optional[QuantizerConfig], head_wise: bool = False,
-                       quantize_qkv: bool = True, quantize_proj: bool = True):
+                       quantize_qkv: bool = True, quantize_proj: bool = True,
+                       weight_grouping: str = "head"):
         """Wrap a timm attention module; ``None`` configs leave that site in float.
 
         ``quantize_qkv`` / ``quantize_proj`` False keep those linears plain float.
+        ``weight_grouping``: see :class:`~qvit.nn.config.QViTConfig`.
         """
         self = cls.__new__(cls)
         nn.Module.__init__(self)
@@ -71,18 +124,31 @@ class _QAttentionBase(nn.Module):
         w_att = gran(weight)
         a_att = gran(attn_cfg)
         p_att = gran(probs)
+        transposed = (weight_grouping == "transposed" and w_att is not None
+                      and w_att.granularity == "head")
         if quantize_qkv:
             wg = None
             if w_att is not None:
                 wg = {"head": 3 * heads, "tensor": 3, "channel": qkv.out_features}[w_att.granularity]
             a_in = act.replace(granularity="tensor") if act is not None and act.granularity == "head" else act
-            self.qkv = QLinear.from_linear(qkv, w_att, a_in, weight_groups=wg, weight_dim=0)
+            if transposed:
+                if qkv.in_features % heads:
+                    raise ValueError(f"qkv.in_features={qkv.in_features} is not divisible by "
+                                     f"num_heads={heads} (weight_grouping='transposed')")
+                self.qkv = QKVColumnGroups.from_linear(qkv, None, a_in)
+                self.qkv.heads = heads
+                self.qkv.weight_quant = Quantizer(w_att, 3 * heads, 1, role="weight",
+                                                  device=dev, units=3)
+                self.qkv.weight_dim = 1
+            else:
+                self.qkv = QLinear.from_linear(qkv, w_att, a_in, weight_groups=wg, weight_dim=0,
+                                               weight_units=3)
         else:
             self.qkv = qkv
         if quantize_proj:
             wg, wdim = None, 0
             if w_att is not None and w_att.granularity == "head":
-                wg, wdim = heads, 1
+                wg, wdim = heads, (0 if transposed else 1)
             ag = None
             if a_att is not None:
                 ag = {"head": heads, "tensor": 1, "channel": proj.in_features}[a_att.granularity]

@@ -62,11 +62,12 @@ class QLinear(nn.Linear):
     def from_linear(cls, linear: nn.Linear, wcfg: Optional[QuantizerConfig],
                     acfg: Optional[QuantizerConfig], *, weight_groups: Optional[int] = None,
                     weight_dim: int = 0, act_groups: Optional[int] = None,
-                    first_last: bool = False) -> "QLinear":
+                    first_last: bool = False, weight_units: int = 1) -> "QLinear":
         """Wrap ``linear`` (same weight/bias Parameters). ``None`` config = leave that operand float.
 
         ``weight_groups`` / ``act_groups`` default to the granularity of the config
         (``"channel"``: one group per output row / input channel, else one).
+        ``weight_units``: quantizers the weight quantizer stands for (3 for a fused qkv).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
@@ -80,7 +81,8 @@ class QLinear(nn.Linear):
             g = weight_groups if weight_groups is not None else _groups_for(wcfg, size)
             if size % g:
                 raise ValueError(f"weight_groups={g} does not divide {size}")
-            wq = Quantizer(wcfg, g, weight_dim, first_last, role="weight", device=dev)
+            wq = Quantizer(wcfg, g, weight_dim, first_last, role="weight", device=dev,
+                           units=weight_units)
         if acfg is not None:
             g = act_groups if act_groups is not None else _groups_for(acfg, linear.in_features)
             if linear.in_features % g:
