@@ -278,12 +278,12 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"median over {args.rounds} rounds of the round's median of {args.per_round}; "
           f"tiny: {TINY_BATCH} images of {TINY_PX}px, median of {args.tiny_repeats}; "
           f"compile: {args.compile}\n")
-    rows = []
-    for name in models:
+    header = ["model", "contender", "step ms", "vs float", "peak growth MiB", "vs float",
+              "ops/step", "vs float", "tiny host ms", "vs float"]
+    rows: List[List[str]] = []
+    for name in models:   # the table so far after each model (a long run shows progress)
         rows += run_model(args, name)
-    print(common.markdown_table(
-        ["model", "contender", "step ms", "vs float", "peak growth MiB", "vs float",
-         "ops/step", "vs float", "tiny host ms", "vs float"], rows))
+        print(common.markdown_table(header, rows) + "\n", flush=True)
     return 0
 
 
