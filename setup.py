@@ -97,6 +97,21 @@ else:
 if os.environ.get("QVIT_MARCH"):
     C_FLAGS.append("-march=" + os.environ["QVIT_MARCH"])
 
+# nvcc's floating-point flags, pinned to the numerics the reference states
+# (qvit/ops/reference.py) so that fp32 kernels match it bitwise:
+#   -prec-div=true   v = (x - beta) / s is an IEEE round-to-nearest division,
+#                    not the approximate one (the reference divides; it does
+#                    not multiply by 1/s);
+#   -prec-sqrt=true  the LSQ factor 1/sqrt(N_g * Qp) with an IEEE square root;
+#   -ftz=false       denormal x, scales and products are kept, as on the CPU
+#                    and in torch;
+#   --fmad=false     round(v) * s + beta is a separate multiply and add: a
+#                    fused multiply-add rounds once and gives a different y
+#                    (the C flags say the same with -ffp-contract=off).
+# These are nvcc's defaults without --use_fast_math; pinning them keeps a
+# stray fast-math flag (or a changed default) from breaking parity silently.
+NVCC_NUMERICS = ["-prec-div=true", "-prec-sqrt=true", "-ftz=false", "--fmad=false"]
+
 macros = []
 libraries = []
 library_dirs = []
@@ -147,7 +162,7 @@ class BuildExt(build_ext):
             os.makedirs(self.build_temp, exist_ok=True)
             for src in cu:
                 obj = os.path.abspath(os.path.join(self.build_temp, os.path.basename(src) + ".o"))
-                cmd = [NVCC, "-c", src, "-o", obj, "-O3", "-std=c++17", "--fmad=false",
+                cmd = [NVCC, "-c", src, "-o", obj, "-O3", "-std=c++17", *NVCC_NUMERICS,
                        "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
                        "-Icsrc", "-DQVIT_WITH_CUDA=1", *gencode_flags(ARCHS)]
                 print("qvit: " + " ".join(cmd), flush=True)
@@ -169,7 +184,8 @@ ext = Extension(
     library_dirs=library_dirs,
     extra_compile_args=C_FLAGS,
     extra_link_args=LINK_FLAGS,
-    depends=sorted(_rel(p) for p in glob.glob(os.path.join(HERE, "csrc", "*.h"))),
+    depends=sorted(_rel(p) for p in glob.glob(os.path.join(HERE, "csrc", "*.h"))
+                   + glob.glob(os.path.join(HERE, "csrc", "*.cuh"))),
 )
 
 setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt})

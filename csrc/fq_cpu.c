@@ -2,11 +2,11 @@
  *
  * x is viewed as [outer, G, inner] (qvit.h); the element math is the one of
  * fq_math.h. Two loop shapes cover the layouts:
- *   - "segments" (G == 1, or inner > QVIT_SMALL_INNER: per-tensor,
+ *   - "runs" (G == 1, or inner > QVIT_SMALL_INNER: per-tensor,
  *     per-head): the flat array is cut into chunks; inside a chunk every run
- *     of one group is a segment processed with the group's parameters as
+ *     of one group is a run processed with the group's parameters as
  *     scalars;
- *   - "rows" (G > 1 and inner small: per-channel inner = 1, proj columns
+ *   - "cols" (G > 1 and inner small: per-channel inner = 1, proj columns
  *     inner = d): x is [outer, R = G*inner]; the parameters are expanded once
  *     to R-vectors and chunks are blocks of rows x blocks of columns, so the
  *     inner loop runs along the contiguous row with vector parameters.
@@ -31,11 +31,11 @@
 
 enum {
     QVIT_CHUNK = 16384,          /* elements per chunk (shape-only, not thread-count) */
-    QVIT_SMALL_INNER = 64,       /* inner <= this: the "rows" loops */
-    QVIT_COL_BLOCK = 4096,       /* max columns of a "rows" chunk */
+    QVIT_SMALL_INNER = 64,       /* inner <= this: the "cols" loops */
+    QVIT_COL_BLOCK = 4096,       /* max columns of a "cols" chunk */
     QVIT_PAR_MIN = 32768,        /* fewer elements: one thread */
-    QVIT_LANES = 16,             /* accumulator lanes of the segment backward */
-    QVIT_MIN_ROWS = 16,          /* min rows of a "rows" chunk */
+    QVIT_LANES = 16,             /* accumulator lanes of the runs backward */
+    QVIT_MIN_ROWS = 16,          /* min rows of a "cols" chunk */
     QVIT_FLUSH = 64,             /* terms a math-type (fp32) partial sum adds before it is
                                   * added to a double: bounds the rounding error of the
                                   * fp32 sums to ~64 eps of the sum of |terms| */
@@ -67,10 +67,10 @@ static inline double store_f64(double v) { return v; }
 
 /* The loops of one x dtype at one ISA level, and the sizes the drivers need. */
 typedef struct loops {
-    void (*fwd_seg)(const void *, void *, int64_t, const void *);
-    void (*fwd_rows)(const void *, void *, int64_t, int64_t, int64_t, const void *const[4]);
-    void (*bwd_seg)(const void *, const void *, void *, int64_t, const void *, double[3]);
-    void (*bwd_rows)(const void *, const void *, void *, int64_t, int64_t, int64_t,
+    void (*fwd_run)(const void *, void *, int64_t, const void *);
+    void (*fwd_cols)(const void *, void *, int64_t, int64_t, int64_t, const void *const[4]);
+    void (*bwd_run)(const void *, const void *, void *, int64_t, const void *, double[3]);
+    void (*bwd_cols)(const void *, const void *, void *, int64_t, int64_t, int64_t,
                      const void *const[4], void *const[3]);
     size_t xsize;  /* bytes per x element */
     size_t asize;  /* bytes of the math type: 4 (float) or 8 (double) */
@@ -137,6 +137,12 @@ static int isa_level(void)
 #endif
 }
 
+const char *qvit_cpu_isa(void)
+{
+    static const char *const names[5] = {"base", "base", "v2", "v3", "v4"};
+    return names[isa_level()];
+}
+
 static const loops *loops_for(qvit_dtype d)
 {
     if ((int)d < 0 || (int)d > 3) {
@@ -158,64 +164,6 @@ static const loops *loops_for(qvit_dtype d)
 static int64_t numel_of(const qvit_fq_params *p)
 {
     return p->outer * p->groups * p->inner;
-}
-
-qvit_status qvit_fq_check_params(const qvit_fq_params *p)
-{
-    if (!p) {
-        return QVIT_ERR_BAD_ARG;
-    }
-    if (p->outer < 0 || p->groups < 1 || p->inner < 0) {
-        return QVIT_ERR_BAD_ARG;
-    }
-    if (p->scale_groups != 1 && p->scale_groups != p->groups) {
-        return QVIT_ERR_BAD_ARG;
-    }
-    if (p->bits_min < 1 || p->bits_max < p->bits_min || p->bits_max > 24) {
-        return QVIT_ERR_BAD_ARG;
-    }
-    if (p->is_signed != 0 && p->is_signed != 1) {
-        return QVIT_ERR_BAD_ARG;
-    }
-    if (p->is_signed && p->bits_min < 2) {
-        return QVIT_ERR_BAD_ARG;
-    }
-    if (p->has_offset != 0 && p->has_offset != 1) {
-        return QVIT_ERR_BAD_ARG;
-    }
-    if (p->grad_scale != p->grad_scale) {
-        return QVIT_ERR_BAD_ARG;
-    }
-    /* outer * groups * inner must not overflow int64 */
-    if (p->inner > 0 && p->groups > INT64_MAX / p->inner) {
-        return QVIT_ERR_BAD_ARG;
-    }
-    if (p->outer > 0 && p->groups * p->inner > INT64_MAX / p->outer) {
-        return QVIT_ERR_BAD_ARG;
-    }
-    switch (p->x_dtype) {
-    case QVIT_F32:
-    case QVIT_F16:
-    case QVIT_BF16:
-        if (p->param_dtype != QVIT_F32) {
-            return QVIT_ERR_DTYPE;
-        }
-        break;
-    case QVIT_F64:
-        if (p->param_dtype != QVIT_F64) {
-            return QVIT_ERR_DTYPE;
-        }
-        break;
-    default:
-        return QVIT_ERR_DTYPE;
-    }
-    if (!p->scale || !p->bits || (p->has_offset && !p->offset)) {
-        return QVIT_ERR_BAD_ARG;
-    }
-    if (numel_of(p) > 0 && !p->x) {
-        return QVIT_ERR_BAD_ARG;
-    }
-    return QVIT_OK;
 }
 
 static double param_at(const qvit_fq_params *p, const void *base, int64_t i)
@@ -315,9 +263,9 @@ static int64_t ceil_div(int64_t a, int64_t b)
     return a / b + (a % b != 0);
 }
 
-/* "segments" layout: flat chunks of `len` elements. For the backward the
+/* "runs" mapping: flat chunks of `len` elements. For the backward the
  * number of chunks is bounded so that nchunks * G stays within the budget. */
-static int64_t seg_chunk_len(const qvit_fq_params *p, int bounded)
+static int64_t run_chunk_len(const qvit_fq_params *p, int bounded)
 {
     int64_t n = numel_of(p);
     int64_t len = QVIT_CHUNK;
@@ -333,19 +281,19 @@ static int64_t seg_chunk_len(const qvit_fq_params *p, int bounded)
     return len;
 }
 
-/* "rows" layout: column blocks of whole groups (cols, a multiple of inner)
+/* "cols" mapping: column blocks of whole groups (cols, a multiple of inner)
  * and row blocks of `rows` rows. */
-typedef struct rows_plan {
+typedef struct cols_plan {
     int64_t width;      /* R = G * inner */
     int64_t cols;       /* columns per block */
     int64_t nb_cols;
     int64_t rows;       /* rows per block */
     int64_t nb_rows;
-} rows_plan;
+} cols_plan;
 
-static rows_plan plan_rows(const qvit_fq_params *p, int bounded)
+static cols_plan plan_cols(const qvit_fq_params *p, int bounded)
 {
-    rows_plan rp;
+    cols_plan rp;
     int64_t per = QVIT_COL_BLOCK / p->inner;
     rp.width = p->groups * p->inner;
     rp.cols = (per < 1 ? 1 : per) * p->inner;
@@ -372,16 +320,16 @@ static rows_plan plan_rows(const qvit_fq_params *p, int bounded)
     return rp;
 }
 
-/* Small inner with several groups: the "rows" loops. One group (per-tensor)
- * is always one long segment. */
-static int use_rows(const qvit_fq_params *p)
+/* Small inner with several groups: the "cols" loops. One group (per-tensor)
+ * is always one long run. */
+static int use_cols(const qvit_fq_params *p)
 {
     return p->groups > 1 && p->inner <= QVIT_SMALL_INNER;
 }
 
 
 /* Expands the group structs to four R-vectors (s, beta, qn, qp), R = G*inner:
- * the parameters of the "rows" loops. prm holds 4*R math-type values. */
+ * the parameters of the "cols" loops. prm holds 4*R math-type values. */
 static void expand_groups(const qvit_fq_params *p, const void *groups, void *prm)
 {
     const int64_t r = p->groups * p->inner;
@@ -426,7 +374,7 @@ static size_t arena_take(arena *a, size_t bytes)
 /* ------------------------------------------------------------------------ */
 /* Forward */
 
-static void forward_segment_chunk(const qvit_fq_params *p, const loops *lp, const void *groups,
+static void forward_run_chunk(const qvit_fq_params *p, const loops *lp, const void *groups,
                                   int64_t len, int64_t c)
 {
     const int64_t n = numel_of(p);
@@ -435,17 +383,17 @@ static void forward_segment_chunk(const qvit_fq_params *p, const loops *lp, cons
     while (f < end) {
         const int64_t row = f / p->inner;
         const int64_t g = row % p->groups;
-        const int64_t seg_end = (row + 1) * p->inner;
-        const int64_t m = (seg_end < end ? seg_end : end) - f;
+        const int64_t run_end = (row + 1) * p->inner;
+        const int64_t m = (run_end < end ? run_end : end) - f;
         const size_t off = (size_t)f * lp->xsize;
-        lp->fwd_seg((const char *)p->x + off, (char *)p->y + off, m,
+        lp->fwd_run((const char *)p->x + off, (char *)p->y + off, m,
                     (const char *)groups + (size_t)g * lp->gsize);
         f += m;
     }
 }
 
-static void forward_rows_chunk(const qvit_fq_params *p, const loops *lp, const void *prm,
-                               const rows_plan *rp, int64_t c)
+static void forward_cols_chunk(const qvit_fq_params *p, const loops *lp, const void *prm,
+                               const cols_plan *rp, int64_t c)
 {
     const int64_t rb = c / rp->nb_cols, cb = c % rp->nb_cols;
     const int64_t r0 = rb * rp->rows, j0 = cb * rp->cols;
@@ -456,7 +404,7 @@ static void forward_rows_chunk(const qvit_fq_params *p, const loops *lp, const v
         pv[f] = (const char *)prm + ((size_t)f * (size_t)rp->width + (size_t)j0) * lp->asize;
     }
     const size_t off = ((size_t)r0 * (size_t)rp->width + (size_t)j0) * lp->xsize;
-    lp->fwd_rows((const char *)p->x + off, (char *)p->y + off, nr, rp->width, w, pv);
+    lp->fwd_cols((const char *)p->x + off, (char *)p->y + off, nr, rp->width, w, pv);
 }
 
 /* The chunk loops run without an OpenMP region when one thread does the
@@ -464,32 +412,32 @@ static void forward_rows_chunk(const qvit_fq_params *p, const loops *lp, const v
 static void forward_run(const qvit_fq_params *p, const loops *lp, const void *groups,
                         const void *prm)
 {
-    if (use_rows(p)) {
-        const rows_plan rp = plan_rows(p, 0);
+    if (use_cols(p)) {
+        const cols_plan rp = plan_cols(p, 0);
         const int64_t nchunks = rp.nb_rows * rp.nb_cols;
         const int nt = team_size(p, nchunks);
         if (nt == 1) {
             for (int64_t c = 0; c < nchunks; c++) {
-                forward_rows_chunk(p, lp, prm, &rp, c);
+                forward_cols_chunk(p, lp, prm, &rp, c);
             }
         } else {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
             for (int64_t c = 0; c < nchunks; c++) {
-                forward_rows_chunk(p, lp, prm, &rp, c);
+                forward_cols_chunk(p, lp, prm, &rp, c);
             }
         }
     } else {
-        const int64_t len = seg_chunk_len(p, 0);
+        const int64_t len = run_chunk_len(p, 0);
         const int64_t nchunks = ceil_div(numel_of(p), len);
         const int nt = team_size(p, nchunks);
         if (nt == 1) {
             for (int64_t c = 0; c < nchunks; c++) {
-                forward_segment_chunk(p, lp, groups, len, c);
+                forward_run_chunk(p, lp, groups, len, c);
             }
         } else {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
             for (int64_t c = 0; c < nchunks; c++) {
-                forward_segment_chunk(p, lp, groups, len, c);
+                forward_run_chunk(p, lp, groups, len, c);
             }
         }
     }
@@ -497,12 +445,9 @@ static void forward_run(const qvit_fq_params *p, const loops *lp, const void *gr
 
 qvit_status qvit_fq_forward_cpu(const qvit_fq_params *p)
 {
-    qvit_status st = qvit_fq_check_params(p);
+    qvit_status st = qvit_fq_check_params(p, 0);
     if (st != QVIT_OK) {
         return st;
-    }
-    if (numel_of(p) > 0 && !p->y) {
-        return QVIT_ERR_BAD_ARG;
     }
     st = check_values(p);
     if (st != QVIT_OK || numel_of(p) == 0) {
@@ -511,7 +456,7 @@ qvit_status qvit_fq_forward_cpu(const qvit_fq_params *p)
     const loops *lp = loops_for(p->x_dtype);
     arena a = {0, NULL};
     const size_t at_groups = arena_take(&a, (size_t)p->groups * lp->gsize);
-    const size_t at_prm = use_rows(p) ? arena_take(&a, (size_t)4 * (size_t)(p->groups * p->inner)
+    const size_t at_prm = use_cols(p) ? arena_take(&a, (size_t)4 * (size_t)(p->groups * p->inner)
                                                         * lp->asize)
                                       : 0;
     a.base = malloc(a.used);
@@ -519,7 +464,7 @@ qvit_status qvit_fq_forward_cpu(const qvit_fq_params *p)
         return QVIT_ERR_NO_MEMORY;
     }
     void *groups = a.base + at_groups;
-    void *prm = use_rows(p) ? a.base + at_prm : NULL;
+    void *prm = use_cols(p) ? a.base + at_prm : NULL;
     decode_groups(p, groups);
     if (prm) {
         expand_groups(p, groups, prm);
@@ -532,16 +477,16 @@ qvit_status qvit_fq_forward_cpu(const qvit_fq_params *p)
 /* ------------------------------------------------------------------------ */
 /* Backward */
 
-/* Per-thread scratch of the "rows" backward: double column sums [3][cols]
+/* Per-thread scratch of the "cols" backward: double column sums [3][cols]
  * and math-type column sums [3][cols] of the current slice of rows. */
-static size_t rows_scratch_bytes(const rows_plan *rp, const loops *lp)
+static size_t cols_scratch_bytes(const cols_plan *rp, const loops *lp)
 {
     return (size_t)3 * (size_t)rp->cols * (sizeof(double) + lp->asize);
 }
 
-/* Chunk c of the "segments" layout adds its segments' sums into its own
+/* Chunk c of the "runs" mapping adds its runs' sums into its own
  * partial row part[c][G][3] (zeroed by the caller). */
-static void backward_segment_chunk(const qvit_fq_params *p, const loops *lp, const void *groups,
+static void backward_run_chunk(const qvit_fq_params *p, const loops *lp, const void *groups,
                                    double *part, int64_t len, int64_t c)
 {
     const int64_t n = numel_of(p);
@@ -551,21 +496,21 @@ static void backward_segment_chunk(const qvit_fq_params *p, const loops *lp, con
     while (f < end) {
         const int64_t row = f / p->inner;
         const int64_t g = row % p->groups;
-        const int64_t seg_end = (row + 1) * p->inner;
-        const int64_t m = (seg_end < end ? seg_end : end) - f;
+        const int64_t run_end = (row + 1) * p->inner;
+        const int64_t m = (run_end < end ? run_end : end) - f;
         const size_t off = (size_t)f * lp->xsize;
-        lp->bwd_seg((const char *)p->x + off, (const char *)p->grad_y + off,
+        lp->bwd_run((const char *)p->x + off, (const char *)p->grad_y + off,
                     (char *)p->grad_x + off, m, (const char *)groups + (size_t)g * lp->gsize,
                     pc + g * 3);
         f += m;
     }
 }
 
-/* Chunk c = (row block rb, column block cb) of the "rows" layout. Column
+/* Chunk c = (row block rb, column block cb) of the "cols" mapping. Column
  * blocks hold whole groups, so each entry part[rb][g] is written by exactly
- * one chunk. `mine` is the calling thread's scratch (rows_scratch_bytes). */
-static void backward_rows_chunk(const qvit_fq_params *p, const loops *lp, const void *prm,
-                                const rows_plan *rp, double *part, char *mine, int64_t c)
+ * one chunk. `mine` is the calling thread's scratch (cols_scratch_bytes). */
+static void backward_cols_chunk(const qvit_fq_params *p, const loops *lp, const void *prm,
+                                const cols_plan *rp, double *part, char *mine, int64_t c)
 {
     const int64_t rb = c / rp->nb_cols, cb = c % rp->nb_cols;
     const int64_t r0 = rb * rp->rows, j0 = cb * rp->cols;
@@ -588,7 +533,7 @@ static void backward_rows_chunk(const qvit_fq_params *p, const loops *lp, const 
         const int64_t ns = nr - s0 < QVIT_FLUSH ? nr - s0 : QVIT_FLUSH;
         const size_t off = ((size_t)(r0 + s0) * (size_t)rp->width + (size_t)j0) * lp->xsize;
         memset(facc, 0, (size_t)3 * (size_t)w * lp->asize);
-        lp->bwd_rows((const char *)p->x + off, (const char *)p->grad_y + off,
+        lp->bwd_cols((const char *)p->x + off, (const char *)p->grad_y + off,
                      (char *)p->grad_x + off, ns, rp->width, w, pv, av);
         for (int f = 0; f < 3; f++) {
             double *d = dacc + (size_t)f * (size_t)w;
@@ -661,33 +606,29 @@ static void finish_backward(const qvit_fq_params *p, const double *sums, double 
 
 qvit_status qvit_fq_backward_cpu(const qvit_fq_params *p)
 {
-    qvit_status st = qvit_fq_check_params(p);
+    qvit_status st = qvit_fq_check_params(p, 1);
     if (st != QVIT_OK) {
         return st;
     }
     const int64_t n = numel_of(p);
-    if ((n > 0 && (!p->grad_y || !p->grad_x)) || !p->grad_scale_out || !p->grad_bits ||
-        (p->has_offset && !p->grad_offset)) {
-        return QVIT_ERR_BAD_ARG;
-    }
     st = check_values(p);
     if (st != QVIT_OK) {
         return st;
     }
     const loops *lp = loops_for(p->x_dtype);
     const size_t G = (size_t)p->groups;
-    const int rows = use_rows(p);
+    const int cols = use_cols(p);
     const int64_t k = (int64_t)(p->bits_max - p->bits_min + 1);
 
     /* plan: chunking depends on the shape only (determinism) */
-    rows_plan rp = {0, 0, 0, 0, 0};
+    cols_plan rp = {0, 0, 0, 0, 0};
     int64_t len = 0, nchunks = 0, nparts = 0;
-    if (n > 0 && rows) {
-        rp = plan_rows(p, 1);
+    if (n > 0 && cols) {
+        rp = plan_cols(p, 1);
         nchunks = rp.nb_rows * rp.nb_cols;
         nparts = rp.nb_rows;
     } else if (n > 0) {
-        len = seg_chunk_len(p, 1);
+        len = run_chunk_len(p, 1);
         nchunks = ceil_div(n, len);
         nparts = nchunks;
     }
@@ -698,9 +639,9 @@ qvit_status qvit_fq_backward_cpu(const qvit_fq_params *p)
     const size_t at_part = arena_take(&a, (size_t)nparts * G * 3 * sizeof(double));
     const size_t at_sums = arena_take(&a, G * 3 * sizeof(double));
     const size_t at_table = arena_take(&a, (size_t)(2 * p->scale_groups * k) * sizeof(double));
-    const size_t at_prm = rows ? arena_take(&a, (size_t)4 * (size_t)rp.width * lp->asize) : 0;
-    const size_t scratch = rows ? rows_scratch_bytes(&rp, lp) : 0;
-    const size_t at_acc = rows ? arena_take(&a, (size_t)nt * ((scratch + 63) & ~(size_t)63)) : 0;
+    const size_t at_prm = cols ? arena_take(&a, (size_t)4 * (size_t)rp.width * lp->asize) : 0;
+    const size_t scratch = cols ? cols_scratch_bytes(&rp, lp) : 0;
+    const size_t at_acc = cols ? arena_take(&a, (size_t)nt * ((scratch + 63) & ~(size_t)63)) : 0;
     a.base = malloc(a.used);
     if (!a.base) {
         return QVIT_ERR_NO_MEMORY;
@@ -712,14 +653,14 @@ qvit_status qvit_fq_backward_cpu(const qvit_fq_params *p)
     memset(sums, 0, G * 3 * sizeof(double));
     decode_groups(p, groups);
 
-    if (nchunks > 0 && rows) {
+    if (nchunks > 0 && cols) {
         void *prm = a.base + at_prm;
         char *acc = a.base + at_acc;
         const size_t stride = (scratch + 63) & ~(size_t)63;
         expand_groups(p, groups, prm);
         if (nt == 1) {
             for (int64_t c = 0; c < nchunks; c++) {
-                backward_rows_chunk(p, lp, prm, &rp, part, acc, c);
+                backward_cols_chunk(p, lp, prm, &rp, part, acc, c);
             }
         } else {
 #pragma omp parallel num_threads(nt)
@@ -731,19 +672,19 @@ qvit_status qvit_fq_backward_cpu(const qvit_fq_params *p)
 #endif
 #pragma omp for schedule(dynamic, 1)
                 for (int64_t c = 0; c < nchunks; c++) {
-                    backward_rows_chunk(p, lp, prm, &rp, part, mine, c);
+                    backward_cols_chunk(p, lp, prm, &rp, part, mine, c);
                 }
             }
         }
     } else if (nchunks > 0) {
         if (nt == 1) {
             for (int64_t c = 0; c < nchunks; c++) {
-                backward_segment_chunk(p, lp, groups, part, len, c);
+                backward_run_chunk(p, lp, groups, part, len, c);
             }
         } else {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
             for (int64_t c = 0; c < nchunks; c++) {
-                backward_segment_chunk(p, lp, groups, part, len, c);
+                backward_run_chunk(p, lp, groups, part, len, c);
             }
         }
     }

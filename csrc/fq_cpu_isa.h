@@ -62,8 +62,8 @@
 #undef QV_BWD
 
 #define QV_TABLE_ENTRY(d, xt, at, gt)                                                    \
-    {QV_NAME3(fwd_seg, d, QV_ISA), QV_NAME3(fwd_rows, d, QV_ISA),                       \
-     QV_NAME3(bwd_seg, d, QV_ISA), QV_NAME3(bwd_rows, d, QV_ISA), sizeof(xt), sizeof(at), \
+    {QV_NAME3(fwd_run, d, QV_ISA), QV_NAME3(fwd_cols, d, QV_ISA),                       \
+     QV_NAME3(bwd_run, d, QV_ISA), QV_NAME3(bwd_cols, d, QV_ISA), sizeof(xt), sizeof(at), \
      sizeof(gt)}
 
 /* [QVIT_F32, QVIT_F16, QVIT_BF16, QVIT_F64] */

@@ -18,7 +18,7 @@
 #ifndef QV_PREFETCH_BLOCK_DEFINED
 #define QV_PREFETCH_BLOCK_DEFINED
 #define QV_PREFETCH_BLOCK(p) QV_PREFETCH_AT(p, QVIT_PREFETCH_BYTES / (int64_t)sizeof(*(p)))
-/* Prefetch of one QVIT_LANES block at p + ahead elements (the rows loops). */
+/* Prefetch of one QVIT_LANES block at p + ahead elements (the cols loops). */
 #define QV_PREFETCH_AT(p, ahead)                                                         \
     do {                                                                                 \
         for (size_t pf_ = 0; pf_ < QVIT_LANES * sizeof(*(p)); pf_ += 64) {               \
@@ -35,7 +35,7 @@
     } while (0)
 #endif
 
-QV_TARGET static void QV_NAME(fwd_seg)(const void *xv, void *yv, int64_t n, const void *gv)
+QV_TARGET static void QV_NAME(fwd_run)(const void *xv, void *yv, int64_t n, const void *gv)
 {
     const QV_XT *x = (const QV_XT *)xv;
     QV_XT *y = (QV_XT *)yv;
@@ -54,7 +54,7 @@ QV_TARGET static void QV_NAME(fwd_seg)(const void *xv, void *yv, int64_t n, cons
     }
 }
 
-/* "rows" layout: parameters are vectors along the row; four rows at a time
+/* "cols" mapping: parameters are vectors along the row; four rows at a time
  * share each parameter load. Inputs and outputs never overlap (the binding
  * checks), hence restrict, which GCC needs here to vectorise. */
 QV_TARGET static inline void QV_NAME(fwd_row4)(
@@ -96,7 +96,7 @@ QV_TARGET static inline void QV_NAME(fwd_row)(const QV_XT *restrict x, QV_XT *re
     }
 }
 
-QV_TARGET static void QV_NAME(fwd_rows)(const void *xv, void *yv, int64_t rows, int64_t stride,
+QV_TARGET static void QV_NAME(fwd_cols)(const void *xv, void *yv, int64_t rows, int64_t stride,
                                         int64_t w, const void *const prm[4])
 {
     const QV_XT *x = (const QV_XT *)xv;
@@ -115,11 +115,11 @@ QV_TARGET static void QV_NAME(fwd_rows)(const void *xv, void *yv, int64_t rows, 
     }
 }
 
-/* Adds the segment's sums (r, hi, lo) to out[0..2]. The segment is cut into
+/* Adds the run's sums (r, hi, lo) to out[0..2]. The run is cut into
  * blocks of QVIT_LANES elements; lane l of every block adds into lane
  * accumulator l (math type); every QVIT_FLUSH blocks the lanes are added in
  * order into the double sums. */
-QV_TARGET static void QV_NAME(bwd_seg)(const void *xv, const void *uv, void *gxv, int64_t n,
+QV_TARGET static void QV_NAME(bwd_run)(const void *xv, const void *uv, void *gxv, int64_t n,
                                        const void *gv, double out[3])
 {
     const QV_XT *x = (const QV_XT *)xv;
@@ -159,7 +159,7 @@ QV_TARGET static void QV_NAME(bwd_seg)(const void *xv, const void *uv, void *gxv
     out[2] += (double)tl;
 }
 
-/* "rows" backward, four rows at a time: column j adds the rows in row order,
+/* "cols" backward, four rows at a time: column j adds the rows in row order,
  * so the sums equal those of one row at a time, bit for bit. */
 QV_TARGET static inline void QV_NAME(bwd_row4)(
     const QV_XT *restrict x0, const QV_XT *restrict x1, const QV_XT *restrict x2,
@@ -217,7 +217,7 @@ QV_TARGET static inline void QV_NAME(bwd_row)(const QV_XT *restrict x, const QV_
 }
 
 /* Per-column sums over the rows into acc[0..2][0..w) (not cleared here). */
-QV_TARGET static void QV_NAME(bwd_rows)(const void *xv, const void *uv, void *gxv, int64_t rows,
+QV_TARGET static void QV_NAME(bwd_cols)(const void *xv, const void *uv, void *gxv, int64_t rows,
                                         int64_t stride, int64_t w, const void *const prm[4],
                                         void *const acc[3])
 {

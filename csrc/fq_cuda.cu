@@ -1,4 +1,5 @@
-/* fq_cuda.cu - CUDA kernels and extern "C" launchers of the fake-quant op.
+/* fq_cuda.cu - the extern "C" launchers of the CUDA fake-quant op (host side;
+ * the kernels are in fq_cuda_kernels.cuh).
  *
  * x is viewed as [outer, G, inner] (qvit.h); the element math is fq_math.h,
  * shared with the CPU kernels. Everything runs on p->stream of p->device:
@@ -8,7 +9,7 @@
  * Two work mappings, chosen from the shape alone (so the workspace size is a
  * function of (outer, G, inner, device) only):
  *
- *  rows  (G == 1, outer == 1 or inner >= ROWS_MIN_INNER): per-tensor,
+ *  runs  (G == 1, outer == 1 or inner >= RUNS_MIN_INNER): per-tensor,
  *        per-head activations (inner = N*d), per-head / per-channel weight
  *        rows (outer = 1).
  *        The grid is G x S blocks; block (g, s) owns a balanced contiguous
@@ -50,25 +51,16 @@
 #include <cstdint>
 #include <cstdio>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "qvit.h"
-#include "fq_math.h"
+#include "fq_cuda_kernels.cuh"
 
 namespace {
 
-constexpr int NT = 256;                /* threads per block of the streaming kernels */
-constexpr int NWARP = NT / 32;
-/* 16-byte vectors in flight per thread and input in the rows mapping: 64 bytes
- * for fp32 and for scalars, 32 for fp16 / bf16 (whose unpacked 8-lane vectors
- * would otherwise cost ~110 registers and half the occupancy). */
-template <typename T, int V> struct unroll_for { static constexpr int value = (V > 1 && sizeof(T) == 2) ? 2 : 4; };
 constexpr int BLOCKS_PER_SM = 8;       /* 8 x 256 = 2048 threads: a full SM on sm_80 / sm_90 */
-constexpr int64_t ROWS_MIN_INNER = 1024;
+constexpr int64_t RUNS_MIN_INNER = 1024;
 constexpr int64_t COLS_MIN_ROWS = 16;  /* rows per thread at least, in the cols mapping */
-constexpr int FIN_NT = 256;            /* finish kernel: one warp per group */
 constexpr int MAX_DEVICES = 64;
 
 thread_local char g_last_error[256] = "no error";
@@ -77,418 +69,6 @@ void set_error(const char *where, cudaError_t err)
 {
     snprintf(g_last_error, sizeof g_last_error, "%s: %s (%s, code %d)", where,
              cudaGetErrorString(err), cudaGetErrorName(err), (int)err);
-}
-
-/* ---------------------------------------------------------------- dtypes */
-
-template <typename T> struct cvt;
-template <> struct cvt<float> {
-    __device__ static float to_f(float v) { return v; }
-    __device__ static float from_f(float v) { return v; }
-};
-template <> struct cvt<__half> {
-    __device__ static float to_f(__half v) { return __half2float(v); }
-    __device__ static __half from_f(float v) { return __float2half_rn(v); }
-};
-template <> struct cvt<__nv_bfloat16> {
-    __device__ static float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-    __device__ static __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
-};
-
-__device__ __forceinline__ float lo16_to_f(uint32_t w, __half *) { return __half2float(__ushort_as_half((unsigned short)(w & 0xffffu))); }
-__device__ __forceinline__ float hi16_to_f(uint32_t w, __half *) { return __half2float(__ushort_as_half((unsigned short)(w >> 16))); }
-__device__ __forceinline__ float lo16_to_f(uint32_t w, __nv_bfloat16 *) { return __bfloat162float(__ushort_as_bfloat16((unsigned short)(w & 0xffffu))); }
-__device__ __forceinline__ float hi16_to_f(uint32_t w, __nv_bfloat16 *) { return __bfloat162float(__ushort_as_bfloat16((unsigned short)(w >> 16))); }
-__device__ __forceinline__ uint32_t f_to16(float v, __half *) { return __half_as_ushort(__float2half_rn(v)); }
-__device__ __forceinline__ uint32_t f_to16(float v, __nv_bfloat16 *) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
-
-/* V elements of T at p into fp32 (V == 1: a scalar; else one 16-byte vector). */
-template <typename T, int V>
-__device__ __forceinline__ void load_v(const T *p, float *f)
-{
-    if constexpr (V == 1) {
-        f[0] = cvt<T>::to_f(*p);
-    } else {
-        static_assert(V * sizeof(T) == 16, "vector width must be 16 bytes");
-        uint4 r = *reinterpret_cast<const uint4 *>(p);
-        if constexpr (sizeof(T) == 4) {
-            f[0] = __uint_as_float(r.x); f[1] = __uint_as_float(r.y);
-            f[2] = __uint_as_float(r.z); f[3] = __uint_as_float(r.w);
-        } else {
-            uint32_t w[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                f[2 * j] = lo16_to_f(w[j], (T *)nullptr);
-                f[2 * j + 1] = hi16_to_f(w[j], (T *)nullptr);
-            }
-        }
-    }
-}
-
-template <typename T, int V>
-__device__ __forceinline__ void store_v(T *p, const float *f)
-{
-    if constexpr (V == 1) {
-        *p = cvt<T>::from_f(f[0]);
-    } else {
-        uint4 r;
-        if constexpr (sizeof(T) == 4) {
-            r.x = __float_as_uint(f[0]); r.y = __float_as_uint(f[1]);
-            r.z = __float_as_uint(f[2]); r.w = __float_as_uint(f[3]);
-        } else {
-            uint32_t w[4];
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-                w[j] = f_to16(f[2 * j], (T *)nullptr) | (f_to16(f[2 * j + 1], (T *)nullptr) << 16);
-            r.x = w[0]; r.y = w[1]; r.z = w[2]; r.w = w[3];
-        }
-        *reinterpret_cast<uint4 *>(p) = r;
-    }
-}
-
-/* ---------------------------------------------------------------- params */
-
-/* What a kernel needs of qvit_fq_params, passed by value. */
-struct fq_args {
-    const void *x;
-    const void *gy;
-    void *y;
-    void *gx;
-    const float *scale;
-    const float *bits;
-    const float *offset;   /* NULL without offset */
-    int64_t outer, groups, inner, scale_groups;
-    int bits_min, bits_max, is_signed;
-};
-
-/* Group g's decoded parameters (see "Bad parameter values" above). */
-__device__ __forceinline__ qvit_group_f32 decode_group(const fq_args &a, int64_t g)
-{
-    const float b = a.bits[g];
-    const int bh = qvit_round_bits((double)b, a.bits_min, a.bits_max);
-    const int K = a.bits_max - a.bits_min + 1;
-    const int64_t e = (a.scale_groups == 1 ? 0 : g) * K + (bh - a.bits_min);
-    const float s = a.scale[e];
-    const float beta = a.offset ? a.offset[e] : 0.0f;
-    const bool ok = isfinite(b) && isfinite(s) && s > 0.0f && isfinite(beta);
-    qvit_group_f32 q;
-    q.s = ok ? s : __int_as_float(0x7fc00000);
-    q.beta = beta;
-    q.qn = (float)qvit_qn(bh, a.is_signed);
-    q.qp = (float)qvit_qp(bh, a.is_signed);
-    return q;
-}
-
-/* [begin, end) of part i when n items are split into parts as evenly as possible. */
-__host__ __device__ __forceinline__ int64_t split_at(int64_t n, int64_t i, int64_t parts)
-{
-    const int64_t q = n / parts, r = n % parts;
-    return q * i + (i < r ? i : r);
-}
-
-/* Sum of v over the block in a fixed order; the result is valid in thread 0. */
-__device__ __forceinline__ void block_sum3(float &r, float &h, float &l)
-{
-    __shared__ float sh[3][NWARP];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        r += __shfl_down_sync(0xffffffffu, r, o);
-        h += __shfl_down_sync(0xffffffffu, h, o);
-        l += __shfl_down_sync(0xffffffffu, l, o);
-    }
-    const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (lane == 0) { sh[0][w] = r; sh[1][w] = h; sh[2][w] = l; }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        r = sh[0][0]; h = sh[1][0]; l = sh[2][0];
-        for (int i = 1; i < NWARP; ++i) { r += sh[0][i]; h += sh[1][i]; l += sh[2][i]; }
-    }
-}
-
-/* ------------------------------------------------------ rows mapping */
-
-/* One contiguous run of n elements of one group: forward (BWD false) or
- * backward (BWD true, accumulating into r/h/l). UNROLL vectors per thread are
- * loaded before any is used, so each thread keeps several 16-byte loads in
- * flight. In the vector path n is a multiple of V. */
-template <typename T, int V, bool BWD>
-__device__ __forceinline__ void run_rows(const T *__restrict__ x, const T *__restrict__ u,
-                                         T *__restrict__ out, int64_t n, qvit_group_f32 q,
-                                         float &r, float &h, float &l)
-{
-    constexpr int UNROLL = unroll_for<T, V>::value;
-    const int64_t stride = (int64_t)NT * V;
-    int64_t i = (int64_t)threadIdx.x * V;
-    for (; i + (UNROLL - 1) * stride < n; i += UNROLL * stride) {
-        float fx[UNROLL][V], fu[UNROLL][V];
-#pragma unroll
-        for (int k = 0; k < UNROLL; ++k) {
-            load_v<T, V>(x + i + k * stride, fx[k]);
-            if constexpr (BWD) load_v<T, V>(u + i + k * stride, fu[k]);
-        }
-#pragma unroll
-        for (int k = 0; k < UNROLL; ++k) {
-#pragma unroll
-            for (int j = 0; j < V; ++j) {
-                if constexpr (BWD) fx[k][j] = qvit_fq_bwd_f32(fx[k][j], fu[k][j], q, &r, &h, &l);
-                else fx[k][j] = qvit_fq_fwd_f32(fx[k][j], q);
-            }
-            store_v<T, V>(out + i + k * stride, fx[k]);
-        }
-    }
-    for (; i < n; i += stride) {
-        float fx[V], fu[V];
-        load_v<T, V>(x + i, fx);
-        if constexpr (BWD) load_v<T, V>(u + i, fu);
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-            if constexpr (BWD) fx[j] = qvit_fq_bwd_f32(fx[j], fu[j], q, &r, &h, &l);
-            else fx[j] = qvit_fq_fwd_f32(fx[j], q);
-        }
-        store_v<T, V>(out + i, fx);
-    }
-}
-
-/* Grid: groups * S blocks of NT threads. Block (g, s) owns elements
- * [split_at(outer*inner, s, S), split_at(.., s+1, S)) of group g, counted in
- * vectors so that every run starts on a vector boundary. */
-template <typename T, int V, bool BWD>
-__global__ void __launch_bounds__(NT) fq_rows_kernel(fq_args a, int64_t S, float *__restrict__ part)
-{
-    const int64_t g = (int64_t)blockIdx.x / S;
-    const int64_t s = (int64_t)blockIdx.x - g * S;
-    const qvit_group_f32 q = decode_group(a, g);
-    const int64_t nvec = a.outer * a.inner / V;
-    int64_t e = split_at(nvec, s, S) * V;
-    const int64_t end = split_at(nvec, s + 1, S) * V;
-    const T *x = static_cast<const T *>(a.x);
-    const T *u = static_cast<const T *>(a.gy);
-    T *out = static_cast<T *>(BWD ? a.gx : a.y);
-    float r = 0.0f, h = 0.0f, l = 0.0f;
-    while (e < end) {
-        const int64_t row = e / a.inner;
-        const int64_t col = e - row * a.inner;
-        const int64_t n = (end - e) < (a.inner - col) ? (end - e) : (a.inner - col);
-        const int64_t base = (row * a.groups + g) * a.inner + col;
-        run_rows<T, V, BWD>(x + base, u + base, out + base, n, q, r, h, l);
-        e += n;
-    }
-    if constexpr (BWD) {
-        block_sum3(r, h, l);
-        if (threadIdx.x == 0) {
-            const int64_t np = a.groups * S;
-            part[blockIdx.x] = r;
-            part[np + blockIdx.x] = h;
-            part[2 * np + blockIdx.x] = l;
-        }
-    }
-}
-
-/* ------------------------------------------------------ cols mapping */
-
-/* Block (bx, by) threads; grid (gx, gy). Thread (tx, ty) of block (cx, cy)
- * owns columns c0 .. c0+V-1, c0 = (cx*bx + tx)*V, and rows
- * r0+ty, r0+ty+by, ... of the block's row range [r0, r1). Backward writes one
- * partial per column and row chunk: part[k][cy][c], reduced over ty in order. */
-template <typename T, int V, bool BWD>
-__global__ void __launch_bounds__(NT) fq_cols_kernel(fq_args a, float *__restrict__ part)
-{
-    const int64_t P = a.groups * a.inner;
-    const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
-    const int64_t c0 = ((int64_t)blockIdx.x * bx + tx) * V;
-    const bool active = c0 < P;   /* in the vector path P % V == 0: all V columns valid */
-    qvit_group_f32 q[V];
-#pragma unroll
-    for (int j = 0; j < V; ++j)
-        q[j] = decode_group(a, active ? (c0 + j) / a.inner : 0);
-    float r[V], h[V], l[V];
-#pragma unroll
-    for (int j = 0; j < V; ++j) { r[j] = 0.0f; h[j] = 0.0f; l[j] = 0.0f; }
-
-    const T *x = static_cast<const T *>(a.x);
-    const T *u = static_cast<const T *>(a.gy);
-    T *out = static_cast<T *>(BWD ? a.gx : a.y);
-    const int64_t r0 = split_at(a.outer, blockIdx.y, gridDim.y);
-    const int64_t r1 = split_at(a.outer, blockIdx.y + 1, gridDim.y);
-    if (active) {
-        constexpr int U = V == 1 ? 4 : 2;
-        int64_t row = r0 + ty;
-        for (; row + (U - 1) * by < r1; row += U * by) {
-            float fx[U][V], fu[U][V];
-#pragma unroll
-            for (int k = 0; k < U; ++k) {
-                const int64_t i = (row + (int64_t)k * by) * P + c0;
-                load_v<T, V>(x + i, fx[k]);
-                if constexpr (BWD) load_v<T, V>(u + i, fu[k]);
-            }
-#pragma unroll
-            for (int k = 0; k < U; ++k) {
-#pragma unroll
-                for (int j = 0; j < V; ++j) {
-                    if constexpr (BWD) fx[k][j] = qvit_fq_bwd_f32(fx[k][j], fu[k][j], q[j], &r[j], &h[j], &l[j]);
-                    else fx[k][j] = qvit_fq_fwd_f32(fx[k][j], q[j]);
-                }
-                store_v<T, V>(out + (row + (int64_t)k * by) * P + c0, fx[k]);
-            }
-        }
-        for (; row < r1; row += by) {
-            const int64_t i = row * P + c0;
-            float fx[V], fu[V];
-            load_v<T, V>(x + i, fx);
-            if constexpr (BWD) load_v<T, V>(u + i, fu);
-#pragma unroll
-            for (int j = 0; j < V; ++j) {
-                if constexpr (BWD) fx[j] = qvit_fq_bwd_f32(fx[j], fu[j], q[j], &r[j], &h[j], &l[j]);
-                else fx[j] = qvit_fq_fwd_f32(fx[j], q[j]);
-            }
-            store_v<T, V>(out + i, fx);
-        }
-    }
-    if constexpr (BWD) {
-        /* Reduce over ty in order: [ty][tx][j][3] in shared memory. */
-        __shared__ float sh[NT * V * 3];
-        if (by > 1) {
-            float *mine = sh + ((int64_t)ty * bx + tx) * V * 3;
-#pragma unroll
-            for (int j = 0; j < V; ++j) { mine[3 * j] = r[j]; mine[3 * j + 1] = h[j]; mine[3 * j + 2] = l[j]; }
-            __syncthreads();
-            if (ty == 0) {
-                for (int t = 1; t < by; ++t) {
-                    const float *o = sh + ((int64_t)t * bx + tx) * V * 3;
-#pragma unroll
-                    for (int j = 0; j < V; ++j) { r[j] += o[3 * j]; h[j] += o[3 * j + 1]; l[j] += o[3 * j + 2]; }
-                }
-            }
-        }
-        if (ty == 0 && active) {
-            const int64_t np = (int64_t)gridDim.y * P;
-            float *pr = part + (int64_t)blockIdx.y * P + c0;
-#pragma unroll
-            for (int j = 0; j < V; ++j) {
-                pr[j] = r[j];
-                pr[np + j] = h[j];
-                pr[2 * np + j] = l[j];
-            }
-        }
-    }
-}
-
-/* ------------------------------------------------------ finish */
-
-struct fin_args {
-    const float *scale;
-    const float *bits;
-    const float *offset;
-    float *grad_scale;
-    float *grad_bits;
-    float *grad_offset;     /* NULL without offset */
-    const float *part;      /* [3][n_part] */
-    double *grp;            /* [3][groups] scratch for the shared-table case */
-    int64_t n_part;
-    int64_t groups, inner, outer, scale_groups;
-    int64_t S;              /* rows mapping: partials per group */
-    int64_t gy;             /* cols mapping: row chunks (0 in the rows mapping) */
-    double grad_scale_const;
-    int bits_min, bits_max, is_signed;
-};
-
-__device__ __forceinline__ double warp_sum_d(double v)
-{
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-    return v;
-}
-
-/* One warp per group: fixed-order fp64 sums of the group's partials, then the
- * per-group gradients. Per-group tables (scale_groups == groups) are written
- * here in full; with a shared table (scale_groups == 1 < groups) the
- * per-group values go to f.grp and fq_table_kernel sums them. */
-__global__ void __launch_bounds__(FIN_NT) fq_finish_kernel(fin_args f)
-{
-    const int lane = threadIdx.x % 32;
-    const int nw = blockDim.x / 32;
-    const int K = f.bits_max - f.bits_min + 1;
-    const bool shared_table = f.scale_groups == 1 && f.groups > 1;
-    for (int64_t g = (int64_t)blockIdx.x * nw + threadIdx.x / 32; g < f.groups;
-         g += (int64_t)gridDim.x * nw) {
-        double sr = 0.0, sh = 0.0, sl = 0.0;
-        if (f.gy == 0) {
-#pragma unroll 4
-            for (int64_t i = lane; i < f.S; i += 32) {
-                const int64_t idx = g * f.S + i;
-                sr += f.part[idx]; sh += f.part[f.n_part + idx]; sl += f.part[2 * f.n_part + idx];
-            }
-        } else {
-            const int64_t P = f.groups * f.inner, n = f.gy * f.inner;
-#pragma unroll 4
-            for (int64_t i = lane; i < n; i += 32) {
-                const int64_t cy = i / f.inner;
-                const int64_t idx = cy * P + g * f.inner + (i - cy * f.inner);
-                sr += f.part[idx]; sh += f.part[f.n_part + idx]; sl += f.part[2 * f.n_part + idx];
-            }
-        }
-        sr = warp_sum_d(sr); sh = warp_sum_d(sh); sl = warp_sum_d(sl);
-        sr = __shfl_sync(0xffffffffu, sr, 0);
-        sh = __shfl_sync(0xffffffffu, sh, 0);
-        sl = __shfl_sync(0xffffffffu, sl, 0);
-
-        const float b = f.bits[g];
-        const int bh = qvit_round_bits((double)b, f.bits_min, f.bits_max);
-        const int k = bh - f.bits_min;
-        const int64_t row = f.scale_groups == 1 ? 0 : g;
-        const float s = f.scale[row * K + k];
-        const float beta = f.offset ? f.offset[row * K + k] : 0.0f;
-        const bool ok = isfinite(b) && isfinite(s) && s > 0.0f && isfinite(beta);
-        const double sd = ok ? (double)s : __longlong_as_double(0x7ff8000000000000LL);
-        const double qp = qvit_qp(bh, f.is_signed);
-        const int64_t n_group = f.outer * f.inner;
-        const double gs = n_group > 0 ? qvit_lsq_grad_scale(f.grad_scale_const, n_group, qp) * sr : 0.0;
-        const double gb = f.is_signed ? qvit_bits_coef(bh, 1, sd) * (sh - sl)
-                                      : qvit_bits_coef(bh, 0, sd) * sh;
-        /* A poisoned group's scale / offset gradients are NaN too. */
-        const double go = ok ? sh + sl : sd;
-        const double gsv = ok ? gs : sd;
-        if (lane == 0) f.grad_bits[g] = (float)gb;
-        if (!shared_table) {
-            for (int kk = lane; kk < K; kk += 32) {
-                f.grad_scale[g * K + kk] = kk == k ? (float)gsv : 0.0f;
-                if (f.grad_offset) f.grad_offset[g * K + kk] = kk == k ? (float)go : 0.0f;
-            }
-        } else if (lane == 0) {
-            f.grp[g] = gsv;
-            f.grp[f.groups + g] = go;
-            f.grp[2 * f.groups + g] = (double)k;
-        }
-    }
-}
-
-/* Shared table: column kk of grad_scale / grad_offset is the sum of the
- * groups that selected it. One block; thread t adds groups t, t + NT, ... in
- * order, then a fixed shared-memory tree: deterministic. */
-__global__ void __launch_bounds__(FIN_NT) fq_table_kernel(fin_args f)
-{
-    __shared__ double red[2][FIN_NT];
-    const int t = threadIdx.x;
-    const int K = f.bits_max - f.bits_min + 1;
-    const int64_t G = f.groups;
-    for (int kk = 0; kk < K; ++kk) {
-        double as = 0.0, ao = 0.0;
-        for (int64_t g = t; g < G; g += FIN_NT) {
-            if (f.grp[2 * G + g] == (double)kk) { as += f.grp[g]; ao += f.grp[G + g]; }
-        }
-        red[0][t] = as;
-        red[1][t] = ao;
-        __syncthreads();
-        for (int o = FIN_NT / 2; o > 0; o >>= 1) {
-            if (t < o) { red[0][t] += red[0][t + o]; red[1][t] += red[1][t + o]; }
-            __syncthreads();
-        }
-        if (t == 0) {
-            f.grad_scale[kk] = (float)red[0][0];
-            if (f.grad_offset) f.grad_offset[kk] = (float)red[1][0];
-        }
-        __syncthreads();
-    }
 }
 
 /* ------------------------------------------------------ host side */
@@ -520,8 +100,8 @@ qvit_status sm_count(int device, int *out)
  * (2048 threads), and V = 0, so it bounds every launch on that device whatever
  * the dtype, vector width or register use. */
 struct plan {
-    bool rows;
-    int64_t S;          /* rows: blocks per group */
+    bool runs;
+    int64_t S;          /* runs: blocks per group */
     int64_t gy;         /* cols: row chunks */
     int64_t n_part;     /* partial slots per component */
     dim3 grid, block;
@@ -529,17 +109,17 @@ struct plan {
 
 /* The cols mapping pays off with many rows of a short period; a single row
  * (weights split along dim 0) has nothing to walk down. */
-bool use_rows(int64_t outer, int64_t groups, int64_t inner)
+bool use_runs(int64_t outer, int64_t groups, int64_t inner)
 {
-    return groups == 1 || outer <= 1 || inner >= ROWS_MIN_INNER;
+    return groups == 1 || outer <= 1 || inner >= RUNS_MIN_INNER;
 }
 
 plan make_plan(int64_t outer, int64_t groups, int64_t inner, int sms, int bps, int V)
 {
     plan pl{};
     const int64_t target = (int64_t)sms * bps;
-    pl.rows = use_rows(outer, groups, inner);
-    if (pl.rows) {
+    pl.runs = use_runs(outer, groups, inner);
+    if (pl.runs) {
         const int64_t n = outer * inner;
         int64_t S = (target + groups - 1) / groups;
         const int64_t cap = (n + (int64_t)NT * 4 - 1) / ((int64_t)NT * 4);  /* >= 1024 elements a block */
@@ -602,27 +182,25 @@ struct device_guard {
     }
 };
 
-qvit_status check_common(const qvit_fq_params *p, bool bwd)
+/* The shared rules (qvit_fq_check_params), then what this build of the
+ * CUDA path adds: no float64, and a device ordinal. */
+qvit_status check_cuda(const qvit_fq_params *p, bool bwd)
 {
-    if (!p) return QVIT_ERR_BAD_ARG;
-    if (p->x_dtype != QVIT_F32 && p->x_dtype != QVIT_F16 && p->x_dtype != QVIT_BF16) return QVIT_ERR_DTYPE;
-    if (p->param_dtype != QVIT_F32) return QVIT_ERR_DTYPE;
-    if (p->outer < 0 || p->groups < 1 || p->inner < 0) return QVIT_ERR_BAD_ARG;
-    if (p->scale_groups != 1 && p->scale_groups != p->groups) return QVIT_ERR_BAD_ARG;
-    if (p->bits_min < 1 || p->bits_max < p->bits_min || p->bits_max > 30) return QVIT_ERR_BAD_ARG;
-    if (p->is_signed && p->bits_min < 2) return QVIT_ERR_BAD_ARG;
-    if (!p->scale || !p->bits || (p->has_offset && !p->offset)) return QVIT_ERR_BAD_ARG;
+    const qvit_status st = qvit_fq_check_params(p, bwd ? 1 : 0);
+    if (st != QVIT_OK) return st;
+    if (p->x_dtype == QVIT_F64) return QVIT_ERR_DTYPE;
     if (p->device < 0) return QVIT_ERR_BAD_ARG;
-    const int64_t n = p->outer * p->inner;
-    if (p->outer > 0 && p->inner > INT64_MAX / p->outer / p->groups) return QVIT_ERR_BAD_ARG;
-    if (n > 0 && !p->x) return QVIT_ERR_BAD_ARG;
-    if (bwd) {
-        if (n > 0 && (!p->grad_y || !p->grad_x)) return QVIT_ERR_BAD_ARG;
-        if (!p->grad_scale_out || !p->grad_bits || (p->has_offset && !p->grad_offset)) return QVIT_ERR_BAD_ARG;
-    } else if (n > 0 && !p->y) {
-        return QVIT_ERR_BAD_ARG;
-    }
     return QVIT_OK;
+}
+
+/* One group is one run of outer*inner elements: [1, 1, outer*inner]
+ * (or [0, 1, 0] when empty), whatever dim split it. */
+void one_run(int64_t groups, int64_t *outer, int64_t *inner)
+{
+    if (groups == 1) {
+        *inner = *outer * *inner;
+        *outer = *inner > 0 ? 1 : 0;
+    }
 }
 
 fq_args make_args(const qvit_fq_params *p)
@@ -635,15 +213,12 @@ fq_args make_args(const qvit_fq_params *p)
     a.outer = p->outer; a.groups = p->groups; a.inner = p->inner;
     a.scale_groups = p->scale_groups;
     a.bits_min = p->bits_min; a.bits_max = p->bits_max; a.is_signed = p->is_signed ? 1 : 0;
-    if (a.groups == 1) {  /* one group: one row of outer*inner elements */
-        a.inner = a.outer * a.inner;
-        a.outer = a.inner > 0 ? 1 : 0;
-    }
+    one_run(a.groups, &a.outer, &a.inner);
     return a;
 }
 
 /* Resident blocks per SM of one kernel on the current device (immutable, cached). */
-template <typename T, int V, bool BWD, bool ROWS>
+template <typename T, int V, bool BWD, bool RUNS>
 qvit_status blocks_per_sm(int device, int *out)
 {
     static std::atomic<int> cache[MAX_DEVICES];
@@ -652,7 +227,7 @@ qvit_status blocks_per_sm(int device, int *out)
         if (c > 0) { *out = c; return QVIT_OK; }
     }
     int nb = 0;
-    const void *fn = ROWS ? (const void *)fq_rows_kernel<T, V, BWD> : (const void *)fq_cols_kernel<T, V, BWD>;
+    const void *fn = RUNS ? (const void *)fq_runs_kernel<T, V, BWD> : (const void *)fq_cols_kernel<T, V, BWD>;
     const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, fn, NT, 0);
     if (err != cudaSuccess) {
         set_error("cudaOccupancyMaxActiveBlocksPerMultiprocessor", err);
@@ -670,27 +245,27 @@ qvit_status blocks_per_sm(int device, int *out)
 template <typename T, int V, bool BWD>
 qvit_status launch_v(const fq_args &a, int device, int sms, cudaStream_t st, float *part, plan *pl_out)
 {
-    const bool rows = use_rows(a.outer, a.groups, a.inner);
+    const bool runs = use_runs(a.outer, a.groups, a.inner);
     int bps = 0;
-    const qvit_status status = rows ? blocks_per_sm<T, V, BWD, true>(device, &bps)
+    const qvit_status status = runs ? blocks_per_sm<T, V, BWD, true>(device, &bps)
                                     : blocks_per_sm<T, V, BWD, false>(device, &bps);
     if (status != QVIT_OK) return status;
     const plan pl = make_plan(a.outer, a.groups, a.inner, sms, bps, V);
-    if (rows) fq_rows_kernel<T, V, BWD><<<pl.grid, pl.block, 0, st>>>(a, pl.S, part);
+    if (runs) fq_runs_kernel<T, V, BWD><<<pl.grid, pl.block, 0, st>>>(a, pl.S, part);
     else fq_cols_kernel<T, V, BWD><<<pl.grid, pl.block, 0, st>>>(a, part);
     *pl_out = pl;
     return QVIT_OK;
 }
 
 /* 16-byte vectors when every pointer is 16-byte aligned and the contiguous
- * run (inner in the rows mapping, P = G*inner in the cols mapping) is a
+ * run (inner in the runs mapping, P = G*inner in the cols mapping) is a
  * multiple of the vector width; scalars otherwise. */
 template <typename T, bool BWD>
 qvit_status launch_main(const fq_args &a, int device, int sms, cudaStream_t st, float *part, plan *pl)
 {
     constexpr int VV = 16 / (int)sizeof(T);
     const bool al = aligned16(a.x) && aligned16(BWD ? a.gx : a.y) && (!BWD || aligned16(a.gy));
-    const int64_t run = use_rows(a.outer, a.groups, a.inner) ? a.inner : a.groups * a.inner;
+    const int64_t run = use_runs(a.outer, a.groups, a.inner) ? a.inner : a.groups * a.inner;
     if (al && run % VV == 0) return launch_v<T, VV, BWD>(a, device, sms, st, part, pl);
     return launch_v<T, 1, BWD>(a, device, sms, st, part, pl);
 }
@@ -731,13 +306,13 @@ int64_t qvit_fq_cuda_workspace_bytes(const qvit_fq_params *p)
     int sms = 0;
     if (sm_count(p->device, &sms) != QVIT_OK) return -1;
     int64_t outer = p->outer, inner = p->inner;
-    if (p->groups == 1) { inner = outer * inner; outer = inner > 0 ? 1 : 0; }
+    one_run(p->groups, &outer, &inner);
     return workspace_for(outer, p->groups, inner, sms);
 }
 
 qvit_status qvit_fq_forward_cuda(const qvit_fq_params *p)
 {
-    qvit_status st = check_common(p, false);
+    qvit_status st = check_cuda(p, false);
     if (st != QVIT_OK) return st;
     const fq_args a = make_args(p);
     if (a.outer * a.inner == 0) return QVIT_OK;
@@ -759,7 +334,7 @@ qvit_status qvit_fq_forward_cuda(const qvit_fq_params *p)
 
 qvit_status qvit_fq_backward_cuda(const qvit_fq_params *p)
 {
-    qvit_status st = check_common(p, true);
+    qvit_status st = check_cuda(p, true);
     if (st != QVIT_OK) return st;
     const fq_args a = make_args(p);
     device_guard guard;
@@ -796,7 +371,7 @@ qvit_status qvit_fq_backward_cuda(const qvit_fq_params *p)
         if (st != QVIT_OK) return st;
         if ((st = launch_status("fake-quant backward kernel launch")) != QVIT_OK) return st;
         f.n_part = pl.n_part;
-        if (pl.rows) f.S = pl.S;
+        if (pl.runs) f.S = pl.S;
         else f.gy = pl.gy;
     }
     const unsigned blocks = (unsigned)((a.groups + FIN_NT / 32 - 1) / (FIN_NT / 32));

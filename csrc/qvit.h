@@ -5,9 +5,23 @@
  * CPU / CUDA entry points. Nothing here knows about Python or torch: tensors
  * arrive as raw pointers to contiguous memory plus int64 sizes.
  *
- * The op (DESIGN.md section 2): x is viewed as [outer, groups, inner]; group g
- * uses bit-width bits[g] and scale-table row (scale_groups == 1 ? 0 : g). The
- * element math lives in fq_math.h, shared by CPU and CUDA.
+ * The op (docs/design.md section 2, the op contract): x is viewed as [outer, groups,
+ * inner]; group g uses bit-width bits[g] and scale-table row
+ * (scale_groups == 1 ? 0 : g). The element math lives in fq_math.h, shared
+ * by CPU and CUDA.
+ *
+ * Work mappings. Both the CPU and the CUDA kernels pick one of two, from the
+ * shape alone, and use these names for them:
+ *   runs  x as outer*G contiguous runs of `inner` elements, run r belonging
+ *         to group r % G (per-tensor: one run of every element). Work is
+ *         cut along the flat array; inside a run the group's parameters are
+ *         scalars. For G == 1 or a long inner (per-tensor, per-head).
+ *   cols  x as a matrix [outer, P = G*inner]; column c belongs to group
+ *         c / inner, so the parameters are vectors along a row and the work
+ *         walks down the rows of a block of columns. For several groups with
+ *         a short inner (per-channel inner = 1, proj input columns inner = d).
+ * Where each switches (CPU: inner <= 64 takes cols; CUDA: G > 1, outer > 1
+ * and inner < 1024 take cols) is a tuning choice of each device.
  */
 #ifndef QVIT_H
 #define QVIT_H
@@ -80,13 +94,52 @@ typedef struct qvit_fq_params {
     int64_t workspace_bytes;
 } qvit_fq_params;
 
-/* Checks the sizes and flags of p (not the data). QVIT_OK or QVIT_ERR_BAD_ARG. */
-qvit_status qvit_fq_check_params(const qvit_fq_params *p);
+/* ------------------------------------------------------------------------
+ * The rules of the parameters, one function each (fq_params.c); Python's
+ * copy of them is qvit/ops/contract.py.
+ *
+ * Bit-widths: 1 <= bits_min <= bits_max <= QVIT_BITS_LIMIT, and bits_min >= 2
+ * when signed. 24 is what the fp32 arithmetic supports: every code of
+ * [Qn, Qp] is an integer the kernels hold in float, and 2^24 - 1 (unsigned,
+ * b = 24) is the largest Qp whose integers a float represents exactly; at 25
+ * bits rint(v) and the clamp bounds would round. */
+#define QVIT_BITS_LIMIT 24
+
+typedef enum qvit_range_status {
+    QVIT_RANGE_OK = 0,
+    QVIT_RANGE_BOUNDS = 1,   /* not 1 <= bits_min <= bits_max <= QVIT_BITS_LIMIT */
+    QVIT_RANGE_SIGNED = 2    /* signed with bits_min < 2 */
+} qvit_range_status;
+
+qvit_range_status qvit_bits_range_check(int bits_min, int bits_max, int is_signed);
+
+/* Layout: x of shape[ndim] split along dim into `groups` equal contiguous
+ * chunks is viewed as [outer, groups, inner]; groups == 1 is [1, 1, numel]
+ * whatever dim. An empty x split in groups > 1 is [0, groups, 0]. The caller
+ * has checked that the element count fits int64. */
+typedef enum qvit_layout_status {
+    QVIT_LAYOUT_OK = 0,
+    QVIT_LAYOUT_0D = 1,          /* groups > 1 and x is 0-d */
+    QVIT_LAYOUT_DIM = 2,         /* dim outside [-ndim, ndim) */
+    QVIT_LAYOUT_INDIVISIBLE = 3  /* shape[dim] % groups != 0 */
+} qvit_layout_status;
+
+qvit_layout_status qvit_group_layout(const int64_t *shape, int ndim, int dim, int64_t groups,
+                                     int64_t *outer, int64_t *inner);
+
+/* Checks the sizes, flags, dtypes and pointers of p for a forward
+ * (backward = 0) or a backward (1); not the parameter values. QVIT_OK,
+ * QVIT_ERR_BAD_ARG or QVIT_ERR_DTYPE. The CPU and the CUDA entry points both
+ * start with it. */
+qvit_status qvit_fq_check_params(const qvit_fq_params *p, int backward);
 
 /* CPU. Both validate the parameter values (finite bits, finite positive
  * scales, finite offsets) before touching x. Deterministic for any
  * num_threads: partial sums are formed over fixed chunks and added in order. */
 qvit_status qvit_fq_forward_cpu(const qvit_fq_params *p);
+/* The x86-64 level the CPU loops run at: "v4", "v3", "v2" or "base" (the
+ * CPU's, capped by the environment variable QVIT_ISA; read per call). */
+const char *qvit_cpu_isa(void);
 qvit_status qvit_fq_backward_cpu(const qvit_fq_params *p);
 
 /* CUDA (present when built with QVIT_WITH_CUDA). Launch on p->stream of

@@ -99,7 +99,7 @@ canary "canary_oob(4)" "heap-buffer-overflow"
 echo "qvit-san: canary reports live (UBSan signed overflow, ASan heap overflow)"
 
 default_tests="tests/test_ops.py tests/test_ops_errors.py tests/test_binding.py
-tests/test_hardening.py tests/test_fuzz_corpus.py tests/test_cpu_cache.py"
+tests/test_hardening.py tests/test_fuzz_corpus.py"
 tests=()
 for t in ${QVIT_SAN_TESTS:-$default_tests}; do
     if [ -e "$src/$t" ]; then

@@ -67,7 +67,24 @@ def _param(name):
     return pytest.param(name, marks=marks, id=name)
 
 
-@pytest.fixture(params=[_param(n) for n in ("reference", "cpu", "cuda")])
+IMPL_NAMES = ("reference", "cpu", "cuda")
+
+
+def impl_dtype_grid(dtypes):
+    """(impl, dtype) parameters for ``indirect=["impl"]``: every implementation with every
+    dtype it accepts. float64 is a CPU-only (gradcheck) dtype: the CUDA op refuses it
+    (tests/test_cuda.py checks the refusal), so those pairs are not in the grid at all."""
+    out = []
+    for n in IMPL_NAMES:
+        p = _param(n)
+        for d in dtypes:
+            if n == "cuda" and d == torch.float64:
+                continue
+            out.append(pytest.param(n, d, marks=p.marks, id=f"{n}-{str(d).replace('torch.', '')}"))
+    return out
+
+
+@pytest.fixture(params=[_param(n) for n in IMPL_NAMES])
 def impl(request) -> Impl:
     """Every implementation of the op (skips carry a reason)."""
     return IMPLS[request.param]

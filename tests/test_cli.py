@@ -168,7 +168,7 @@ def test_param_groups_skip_weight_decay():
 
     from qvit.nn.config import preset
     from qvit.models.convert import quantize_model
-    from qvit.train.loop import param_groups
+    from qvit import param_groups
 
     m = timm.create_model("deit_tiny_patch16_224", img_size=8, patch_size=4, embed_dim=24,
                           depth=1, num_heads=3, num_classes=3)

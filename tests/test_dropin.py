@@ -318,3 +318,19 @@ def test_other_mlp_kinds_keep_their_forward():
         set_quantizers_enabled(model, False)
         torch.testing.assert_close(model(x), ref(x), atol=0, rtol=0)
     assert type(dequantize_model(model)[0]) is timm.layers.GluMlp
+
+
+@pytest.mark.slow
+def test_readme_dropin_example_runs():
+    import os
+    import re
+    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "README.md")).read()
+    section = text.split("### Letting timm build the quantized model\n", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+    torch.manual_seed(0)
+    ns = {"qvit": qvit, "images": torch.randn(2, 3, 64, 64)}
+    exec(compile(code, "README.md", "exec"), ns)
+    model, float_model = ns["model"], ns["float_model"]
+    assert all(bool(q.initialized) for _, q in quantizers(model))
+    assert torch.equal(model.blocks[0].attn.qkv.weight, float_model.blocks[0].attn.qkv.weight)

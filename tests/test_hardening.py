@@ -554,3 +554,30 @@ def test_no_leak_over_many_calls():
     ones, NumPy / torch / raw capsules); input refcounts are checked per call."""
     import fuzz_binding
     assert fuzz_binding.leak_check(1000, max_rss_mb=8.0, max_traced_kb=256.0, max_numel=512)
+
+
+# ---------------------------------------------------------------------------
+# outputs are torch's own tensors
+# ---------------------------------------------------------------------------
+
+def test_outputs_are_torch_allocations_that_resize():
+    """y and grad_x come from torch's allocator (no private cache): their storage
+    resizes in place, and the values kept are the op's (checked against the reference)."""
+    x = torch.randn(4, 512, 1024)  # 8 MiB: the size a private output cache used to take
+    scale = torch.full((1, 7), 0.05, requires_grad=True)
+    bits = torch.tensor([4.0], requires_grad=True)
+    xr = x.clone().requires_grad_(True)
+    y = ops.fake_quant(xr, scale, bits)
+    gy = torch.randn_like(x)
+    y.backward(gy)
+    want_y = reference.fake_quant_forward(x, scale.detach(), bits.detach(), None, signed=True,
+                                          dim=0, bits_range=(2, 8))
+    want_gx = reference.fake_quant_backward(gy, x, scale.detach(), bits.detach(), None,
+                                            signed=True, dim=0, bits_range=(2, 8))[0]
+    for out, want in ((y.detach(), want_y), (xr.grad, want_gx)):
+        n = out.numel()
+        out.resize_(2 * n)                 # grows the storage in place
+        assert out.untyped_storage().nbytes() >= 2 * n * out.element_size()
+        assert torch.equal(out[:n], want.reshape(-1))
+        out.resize_(3, 5)
+        assert out.shape == (3, 5)

@@ -1,7 +1,7 @@
 """Export a quantized model as integer codes + quantizer parameters (safetensors).
 
 The file holds, for every quantized weight, its integer codes
-(``<module>.weight.codes``, int8 when the codes fit, else int16) instead of
+(``<module>.weight.codes``, int8 when the codes fit, else int16 or int32) instead of
 the float weight; every other tensor of the state dict as it is (quantizer
 ``bits``, ``scale`` and ``offset`` tables and buffers, biases, norms, tokens,
 float layers). The safetensors metadata holds a JSON config: the timm model
@@ -18,6 +18,8 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from ..ops import contract
 
 FORMAT = "qvit-export"
 FORMAT_VERSION = 1
@@ -48,17 +50,8 @@ def _active(q, rows: Tensor) -> Tuple[Tensor, Tensor]:
     return s, o
 
 
-def _qrange(q) -> Tuple[Tensor, Tensor]:
-    b = q.rounded_bits()
-    if q.signed:
-        return -(2.0 ** (b - 1)), 2.0 ** (b - 1) - 1
-    return torch.zeros_like(b), 2.0 ** b - 1
-
-
 def _view(w: Tensor, q) -> Tuple[Tensor, Tuple[int, ...]]:
-    from ..ops.reference import group_shape
-
-    outer, g, inner = group_shape(tuple(w.shape), q.dim, q.groups)
+    outer, g, inner = contract.group_shape(tuple(w.shape), q.dim, q.groups)
     return w.reshape(outer, g, inner), tuple(w.shape)
 
 
@@ -68,11 +61,20 @@ def weight_codes(module: nn.Module, q) -> Tensor:
     y = q.quantize(module.weight.detach().float())  # the fake-quant output: on the grid
     yv, shape = _view(y, q)
     s, o = _active(q, yv)
-    qn, qp = _qrange(q)
+    qn, qp = contract.qrange(q.rounded_bits(), q.signed)
     codes = torch.round((yv - o[None, :, None]) / s[None, :, None])
     codes = torch.maximum(torch.minimum(codes, qp[None, :, None]), qn[None, :, None])
-    dtype = torch.int8 if bool(codes.min() >= -128) and bool(codes.max() <= 127) else torch.int16
-    return codes.reshape(shape).to(dtype)
+    return codes.reshape(shape).to(_code_dtype(codes))
+
+
+def _code_dtype(codes: Tensor) -> torch.dtype:
+    """The narrowest signed integer type holding the codes (bit-widths go up to 24)."""
+    lo, hi = (float(codes.min()), float(codes.max())) if codes.numel() else (0.0, 0.0)
+    for dtype in (torch.int8, torch.int16):
+        info = torch.iinfo(dtype)
+        if lo >= info.min and hi <= info.max:
+            return dtype
+    return torch.int32
 
 
 @torch.no_grad()
@@ -83,17 +85,47 @@ def decode_codes(codes: Tensor, q) -> Tensor:
     return (cv * s[None, :, None] + o[None, :, None]).reshape(shape)
 
 
-def export(model: nn.Module, path: str, *, model_info: Dict[str, Any],
-           quant: Optional[Dict[str, Any]]) -> int:
+def export(model: nn.Module, path: str, *, model_info: Optional[Dict[str, Any]] = None,
+           quant: Optional[Dict[str, Any]] = None) -> int:
     """Write ``model`` to ``path``; returns the number of tensors written.
 
+    The model's recipe (see :mod:`qvit.models.recipe`) goes into the file's
+    metadata, so :func:`load_exported`, ``qvit eval`` and ``qvit report``
+    rebuild the model from the file alone.
+
     Args:
-        model: a quantized model (after :func:`qvit.quantize_model`).
-        model_info: ``{"name": timm model name, "kwargs": create_model kwargs}``.
-        quant: ``{"preset": name, "overrides": {...}}`` (as stored in checkpoints).
+        model: a quantized model built with ``qvit.create_model`` (or loaded from a
+            qvit checkpoint or export), then ``qvit.quantize_model``.
+        model_info: ``{"name": timm model name, "kwargs": create_model kwargs}``;
+            default: what the model recorded. Needed for a model built with
+            ``timm.create_model`` directly.
+        quant: quantization recipe data; default: the model's own config.
+
+    Raises:
+        ExportError: the model is not quantized, does not know how it was created,
+            or the folder of ``path`` does not exist.
     """
     from safetensors.torch import save_file
 
+    import os
+
+    from .checkpoint import atomic_write
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ExportError(f"cannot write {str(path)!r}: folder {folder!r} does not exist")
+    from .recipe import _plain, describe
+
+    own_info, own_quant = describe(model)
+    model_info = model_info if model_info is not None else own_info
+    quant = quant if quant is not None else own_quant
+    if quant is None:
+        raise ExportError("model is not quantized: call qvit.quantize_model first")
+    if model_info is None:
+        raise ExportError(
+            "model does not record how it was created: build it with qvit.create_model(name, "
+            "**kwargs) instead of timm.create_model, or pass model_info={'name': ..., "
+            "'kwargs': {...}}")
     sites = list(_weight_sites(model))
     if not sites:
         raise ExportError("model has no enabled weight quantizers: nothing to export")
@@ -102,11 +134,15 @@ def export(model: nn.Module, path: str, *, model_info: Dict[str, Any],
         key = f"{name}.weight" if name else "weight"
         state.pop(key, None)
         state[key + CODES_SUFFIX] = weight_codes(m, q).cpu().contiguous()
+    config = {"model_info": _plain(model_info), "quant": _plain(quant)}
+    if model.__dict__.get("qvit_data"):
+        config["data"] = _plain(model.__dict__["qvit_data"])
     meta = {
         "format": FORMAT, "format_version": str(FORMAT_VERSION),
-        "config": json.dumps({"model_info": model_info, "quant": quant}, default=str),
+        "config": json.dumps(config),
     }
-    save_file(state, path, metadata=meta)
+    atomic_write(str(path), lambda tmp: save_file(state, tmp, metadata=meta),
+                 suffix=".safetensors")
     return len(state)
 
 
@@ -159,4 +195,6 @@ def load_exported(path: str, device: str = "cpu") -> nn.Module:
             m.weight.copy_(decode_codes(c.to(m.weight.device), q).to(m.weight.dtype))
     model.to(device)
     model.eval()
+    if cfg.get("data"):
+        model.__dict__["qvit_data"] = dict(cfg["data"])
     return model

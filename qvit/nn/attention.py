@@ -1,6 +1,6 @@
 """Quantized multi-head attention for timm ViT/DeiT ``Attention`` and Swin ``WindowAttention``.
 
-Quantized (Q-ViT, Li et al. 2022, section 3 of ``reference/method.md``): the qkv
+Quantized (Q-ViT, Li et al. 2022, ``docs/design.md`` section 5.2): the qkv
 input and weights, q, k, v, the softmax output (unsigned, after attention
 dropout), the A·V output (the proj input) and the proj weights. Float: the
 1/sqrt(d) scaling, the relative position bias, masks, softmax and any q/k norm.

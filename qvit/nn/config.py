@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
+from ..ops import contract
+
 __all__ = ["QuantizerConfig", "QViTConfig", "PRESETS", "preset", "GRANULARITIES"]
 
 GRANULARITIES = ("tensor", "channel", "head")
@@ -53,19 +55,10 @@ class QuantizerConfig:
     enabled: bool = True
 
     def __post_init__(self):
-        br = self.bits_range
-        if (not isinstance(br, (tuple, list)) or len(br) != 2
-                or not all(isinstance(b, int) and not isinstance(b, bool) for b in br)):
-            raise ValueError(f"QuantizerConfig.bits_range must be a pair of ints, got {br!r}")
-        object.__setattr__(self, "bits_range", (int(br[0]), int(br[1])))
-        lo, hi = self.bits_range
-        if not 1 <= lo <= hi <= 16:
-            raise ValueError(
-                f"QuantizerConfig.bits_range must satisfy 1 <= min <= max <= 16, got {br!r}")
-        if self.signed and lo < 2:
-            raise ValueError(
-                f"QuantizerConfig.bits_range={br!r}: a signed quantizer needs min >= 2 "
-                "(use signed=False for 1-bit codes)")
+        lo, hi = contract.check_bits_range(self.bits_range, bool(self.signed),
+                                           name="QuantizerConfig.bits_range",
+                                           type_error=ValueError)
+        object.__setattr__(self, "bits_range", (lo, hi))
         try:
             bits = float(self.bits)
         except (TypeError, ValueError):

@@ -1,6 +1,6 @@
 """Quantized timm MLP (fc1 -> act -> fc2) and the patch embedding, drop-in for timm's.
 
-Quantized (Q-ViT, ``reference/method.md`` section 3): the fc1 input and
+Quantized (Q-ViT, ``docs/design.md`` section 5.1): the fc1 input and
 weights, the fc2 weights and the fc2 input, i.e. the activation output
 (unsigned with a learned offset: ``QViTConfig.gelu``; with a norm between the
 activation and fc2, the norm output is signed and gets ``act``). Float: the

@@ -1,7 +1,7 @@
 """The Q-ViT quantizer module: learned bits, switchable scale table, optional offset.
 
 One :class:`Quantizer` holds the state of one quantization site (Li et al.,
-"Q-ViT", arXiv 2201.07703, sections 1-3 of ``reference/method.md``):
+"Q-ViT", arXiv 2201.07703, ``docs/design.md`` section 2):
 
 * ``bits [G]``: continuous bit-width per group (learned or fixed);
 * ``scale [Gs, K]``: one step size per candidate bit-width (``K = max - min + 1``),
@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops import contract
 from .config import QuantizerConfig
 
 __all__ = ["Quantizer", "ste_bits", "mse_fit", "fused_fake_quant", "fake_quant"]
@@ -106,10 +107,7 @@ def mse_fit(x: Tensor, bits: int, signed: bool, offset: bool) -> Tuple[Tensor, T
         ``(scale [R], offset [R])``; the offset is zeros without ``offset``.
     """
     x = x.float()
-    if signed:
-        qn, qp = -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
-    else:
-        qn, qp = 0.0, 2.0 ** bits - 1
+    qn, qp = contract.qrange_of(bits, signed)
     if offset:
         beta0 = x.amin(dim=1)
         span = (x.amax(dim=1) - beta0) / (qp - qn)
@@ -240,9 +238,8 @@ class Quantizer(nn.Module):
     # ------------------------------------------------------------------ init
     def _grouped(self, x: Tensor) -> Tensor:
         """``x`` as ``[Gs, M]`` rows, one per scale-table row, sub-sampled."""
-        from ..ops.reference import group_shape
         x = x.detach()
-        outer, g, inner = group_shape(x.shape, self.dim, self.groups)
+        outer, g, inner = contract.group_shape(x.shape, self.dim, self.groups)
         xv = x.reshape(outer, g, inner).transpose(0, 1).reshape(g, outer * inner)
         if self.scale.shape[0] == 1:
             xv = xv.reshape(1, -1)

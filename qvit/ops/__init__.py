@@ -4,10 +4,11 @@
   kernels in ``qvit._C``, their autograd, and :func:`fake_quant`, the public
   entry point (the only Python module that touches ``qvit._C``);
 - :mod:`qvit.ops.reference`: the pure-PyTorch executable spec every kernel is
-  tested against.
+  tested against;
+- :mod:`qvit.ops.contract`: the op's rules (bit-width range, group layout,
+  code range, parameter shapes), written once for every layer above.
 """
-from . import reference
-from .torch_ops import backend_info, cpu_cache_info, empty_cpu_cache, fake_quant, set_cpu_cache_limit
+from . import contract, reference
+from .torch_ops import backend_info, fake_quant
 
-__all__ = ["fake_quant", "backend_info", "reference", "cpu_cache_info", "empty_cpu_cache",
-           "set_cpu_cache_limit"]
+__all__ = ["fake_quant", "backend_info", "contract", "reference"]

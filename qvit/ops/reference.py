@@ -13,7 +13,7 @@ Two independent implementations live here:
   bounds so the bit-width receives gradient) and lets autograd derive the
   backward. It is float64-capable and is what ``gradcheck`` runs on.
 * :func:`fake_quant_forward` / :func:`fake_quant_backward` state the closed
-  forms of DESIGN.md section 2 directly. They pin the numerics every kernel must
+  forms of the op contract (docs/design.md section 2) directly. They pin the numerics every kernel must
   reproduce:
 
   - rounding is round-half-to-even (``torch.round``);
@@ -40,10 +40,15 @@ dimension ``dim`` of ``x`` into ``G`` equal contiguous chunks. Examples::
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from . import contract
+# The layout and the code range are the contract's (qvit.ops.contract); the
+# reference uses them and tests reach them here too.
+from .contract import group_shape, qrange
 
 __all__ = [
     "group_shape",
@@ -56,63 +61,11 @@ __all__ = [
 LN2 = math.log(2.0)
 
 
-def group_shape(shape: Sequence[int], dim: int, groups: int) -> Tuple[int, int, int]:
-    """Return ``(outer, groups, inner)`` for ``x.shape == shape`` split in ``groups`` along ``dim``.
-
-    Raises:
-        ValueError: if ``groups < 1`` or ``shape[dim]`` is not divisible by ``groups``.
-    """
-    shape = tuple(int(s) for s in shape)
-    if groups < 1:
-        raise ValueError(f"bits must have at least one element (got {groups} groups)")
-    numel = math.prod(shape)
-    if groups == 1:
-        return 1, 1, numel
-    ndim = len(shape)
-    if ndim == 0:
-        raise ValueError(f"a 0-d tensor cannot be split into {groups} groups")
-    if not -ndim <= dim < ndim:
-        raise ValueError(f"dim={dim} is out of range for a tensor with {ndim} dimensions")
-    dim %= ndim
-    size = shape[dim]
-    if size % groups != 0:
-        raise ValueError(
-            f"dimension {dim} of x has size {size}, which is not divisible by "
-            f"the {groups} groups given by bits.numel()"
-        )
-    outer = math.prod(shape[:dim])
-    inner = (size // groups) * math.prod(shape[dim + 1:])
-    return outer, groups, inner
-
-
-def qrange(bhat: Tensor, signed: bool) -> Tuple[Tensor, Tensor]:
-    """Integer code range ``(Qn, Qp)`` at (rounded) bit-width ``bhat``, differentiable in ``bhat``."""
-    if signed:
-        half = torch.pow(2.0, bhat - 1)
-        return -half, half - 1
-    return torch.zeros_like(bhat), torch.pow(2.0, bhat) - 1
-
-
 def _check(x: Tensor, scale: Tensor, bits: Tensor, offset: Optional[Tensor],
            signed: bool, bits_range: Tuple[int, int]) -> Tuple[int, int, int]:
-    bmin, bmax = (int(b) for b in bits_range)
-    if not (1 <= bmin <= bmax <= 16):
-        raise ValueError(f"bits_range must satisfy 1 <= min <= max <= 16, got {bits_range}")
-    if signed and bmin < 2:
-        raise ValueError(f"a signed quantizer needs bits_range min >= 2, got {bits_range}")
-    k = bmax - bmin + 1
-    g = bits.numel()
-    if bits.dim() != 1:
-        raise ValueError(f"bits must be 1-D [G], got shape {tuple(bits.shape)}")
-    if scale.dim() != 2 or scale.shape[1] != k or scale.shape[0] not in (1, g):
-        raise ValueError(
-            f"scale must be [1, {k}] or [{g}, {k}] for bits_range {bits_range} and "
-            f"{g} groups, got shape {tuple(scale.shape)}"
-        )
-    if offset is not None and offset.shape != scale.shape:
-        raise ValueError(
-            f"offset must have the shape of scale {tuple(scale.shape)}, got {tuple(offset.shape)}"
-        )
+    bmin, bmax = contract.check_bits_range(tuple(bits_range), signed)
+    _, k = contract.check_param_shapes(scale.shape, bits.shape,
+                                       None if offset is None else offset.shape, (bmin, bmax))
     return bmin, bmax, k
 
 

@@ -9,12 +9,11 @@ Three layers live here, and this is the only Python file that touches
 ``qvit._C``:
 
 * two ``torch.library`` ops, ``qvit::fq_forward`` and ``qvit::fq_backward``,
-  with CPU and CUDA kernels (outputs allocated by torch, or, for large CPU
-  outputs, taken from qvit's output cache; the data handed to ``qvit._C``
-  through DLPack) and fake kernels, so ``torch.compile`` traces them without
+  with CPU and CUDA kernels (outputs allocated by torch, the data handed to
+  ``qvit._C`` through DLPack) and fake kernels, so ``torch.compile`` traces them without
   graph breaks;
 * an ``autograd.Function`` outside the ops (measured cheaper than registering
-  autograd on the op; see DESIGN.md and the engineering notes);
+  autograd on the op);
 * :func:`fake_quant`, the public entry point, which validates its arguments in
   Python before anything reaches the dispatcher.
 
@@ -30,14 +29,12 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import reference
+from . import contract, reference
 
-__all__ = ["fake_quant", "backend_info", "cpu_cache_info", "empty_cpu_cache",
-           "set_cpu_cache_limit"]
+__all__ = ["fake_quant", "backend_info"]
 
 _C_API = ("fq_forward", "fq_backward", "fq_workspace_bytes", "set_exchange_api",
-          "cuda_built", "cuda_device_count", "cpu_empty", "cpu_pool_stats",
-          "cpu_pool_release", "cpu_pool_set_limit")
+          "cuda_built", "cuda_device_count", "cpu_isa")
 try:
     from .. import _C
     _C_IMPORT_ERROR: Optional[str] = None
@@ -80,6 +77,31 @@ def _to_c_opt(t):
     return None if t is None else _to_c(t)
 
 
+# CUDA runtime errors cudaGetDeviceCount reports on machines without a usable GPU
+_CUDA_ERRORS = {
+    3: ("cudaErrorInitializationError", "the CUDA driver could not be initialised"),
+    34: ("cudaErrorStubLibrary", "a stub CUDA driver library is installed, not a real driver"),
+    35: ("cudaErrorInsufficientDriver", "no CUDA driver, or one older than the CUDA runtime "
+         "qvit was built with"),
+    100: ("cudaErrorNoDevice", "no CUDA device"),
+    101: ("cudaErrorInvalidDevice", "no valid CUDA device (check CUDA_VISIBLE_DEVICES)"),
+    999: ("cudaErrorUnknown", "unknown CUDA error"),
+}
+
+
+def _cuda_status(loaded: bool) -> tuple:
+    """``(devices >= 0, readable status)`` from the binding's device count."""
+    if not loaded:
+        return 0, "qvit._C is not loaded"
+    if not _C.cuda_built():
+        return 0, "CUDA kernels not compiled in (built with QVIT_CUDA=0 or without nvcc)"
+    n = int(_C.cuda_device_count())
+    if n >= 0:
+        return n, f"ok ({n} device{'s' if n != 1 else ''})" if n else "no CUDA device"
+    name, what = _CUDA_ERRORS.get(-n, (f"CUDA error {-n}", "the CUDA runtime reported an error"))
+    return 0, f"{what} ({name})"
+
+
 def backend_info() -> dict:
     """Which backend :func:`fake_quant` runs on.
 
@@ -87,109 +109,22 @@ def backend_info() -> dict:
         A dict with ``c_loaded`` (``qvit._C`` imported), ``c_import_error``
         (the import error text, or ``None``), ``cuda_built`` (the CUDA kernels
         were compiled in), ``cuda_devices`` (devices the CUDA runtime sees,
-        ``<= 0`` without a GPU or driver) and ``exchange_api`` (the torch
+        0 without a GPU or driver), ``cuda_status`` (readable: ``"ok (1
+        device)"``, or why there is none, e.g. ``"no CUDA driver, ...
+        (cudaErrorInsufficientDriver)"``) and ``exchange_api`` (the torch
         attribute used to pass tensors into C, or ``"to_dlpack"`` when torch
         has no DLPack C exchange API).
     """
     loaded = _C is not None
+    devices, status = _cuda_status(loaded)
     return {
         "c_loaded": loaded,
         "c_import_error": _C_IMPORT_ERROR,
         "cuda_built": bool(_C.cuda_built()) if loaded else False,
-        "cuda_devices": int(_C.cuda_device_count()) if loaded else 0,
+        "cuda_devices": devices,
+        "cuda_status": status,
         "exchange_api": (_EXCHANGE_API or "to_dlpack") if loaded else None,
     }
-
-
-# ---------------------------------------------------------------------------
-# the CPU output cache
-# ---------------------------------------------------------------------------
-
-# Outputs (y, grad_x) of at least this many bytes on the CPU come from qvit's
-# output cache (csrc/cpu_pool.c) instead of torch's allocator: with glibc's
-# defaults a fresh 10-80 MB block is often a fresh mapping whose pages fault
-# and are zeroed on the kernel's first write, which on a small machine costs
-# as much as the kernel. Smaller outputs are cheap to allocate either way.
-_CACHE_MIN_BYTES = 4 << 20
-_CACHE_DTYPES = {torch.float32: "float32", torch.float16: "float16",
-                 torch.bfloat16: "bfloat16", torch.float64: "float64"}
-_cache_on = _C is not None
-
-
-def _cache_limit_from_env() -> Optional[int]:
-    import os
-    text = os.environ.get("QVIT_CPU_CACHE_MB")
-    if text is None or text.strip() == "":
-        return None
-    try:
-        mb = int(text)
-    except ValueError:
-        mb = -1
-    if mb < 0:
-        raise ValueError(f"qvit: QVIT_CPU_CACHE_MB must be a non-negative integer "
-                         f"(megabytes; 0 turns the CPU output cache off), got {text!r}")
-    return mb << 20
-
-
-def set_cpu_cache_limit(nbytes: int) -> int:
-    """Cap the memory qvit's CPU output cache keeps; returns the previous cap.
-
-    Large CPU outputs of :func:`fake_quant` (``y`` and ``grad_x`` of 4 MiB or
-    more) are carved from 2 MiB-aligned blocks that go back to a cache when the
-    tensor is freed, so the next step reuses mapped (and often cached) memory
-    instead of faulting in fresh pages. The cache holds at most ``nbytes`` of
-    free blocks, dropping the oldest first. ``0`` turns it off: outputs then
-    come from torch's allocator. The default is 1 GiB, or
-    ``QVIT_CPU_CACHE_MB`` megabytes when that variable is set at import.
-
-    Tensors from the cache are ordinary CPU tensors, except that their storage
-    cannot be resized in place (``y.resize_()`` to a larger size raises).
-    """
-    global _cache_on
-    if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral):
-        raise TypeError(f"qvit: nbytes must be an int, got {type(nbytes).__name__}")
-    if nbytes < 0:
-        raise ValueError(f"qvit: nbytes must be >= 0, got {nbytes}")
-    _require_c()
-    old = int(_C.cpu_pool_set_limit(int(nbytes)))
-    _cache_on = nbytes > 0 and _CACHE_ERROR is None
-    return old
-
-
-def cpu_cache_info() -> dict:
-    """Counters of the CPU output cache (see :func:`set_cpu_cache_limit`).
-
-    Returns:
-        A dict with ``enabled``, ``cached_bytes`` / ``cached_blocks`` (free
-        blocks held), ``live_bytes`` (in tensors alive now), ``limit_bytes``,
-        ``hits`` and ``misses`` (allocations served from the cache or newly
-        mapped), and ``unavailable`` (``None``, or why this torch cannot adopt
-        the cache's memory, in which case it stays off).
-    """
-    _require_c()
-    info = dict(_C.cpu_pool_stats())
-    info["enabled"] = _cache_on
-    info["unavailable"] = _CACHE_ERROR
-    return info
-
-
-def empty_cpu_cache() -> int:
-    """Return the cache's free blocks to the system; returns the bytes released.
-
-    Memory of tensors still alive is untouched (it goes back to the cache, or
-    to the system if the cache is off, when they are freed).
-    """
-    _require_c()
-    return int(_C.cpu_pool_release())
-
-
-def _out_like(x: Tensor) -> Tensor:
-    """A new contiguous tensor of x's shape, dtype and device (y, grad_x)."""
-    if _cache_on and x.is_cpu and x.nbytes >= _CACHE_MIN_BYTES:
-        name = _CACHE_DTYPES.get(x.dtype)
-        if name is not None:
-            return torch.from_dlpack(_C.cpu_empty(tuple(x.shape), name))
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _require_c() -> None:
@@ -199,27 +134,6 @@ def _require_c() -> None:
             f"({_C_IMPORT_ERROR}); rebuild it with `pip install -e .` "
             "(or use qvit.ops.reference.fake_quant)"
         )
-
-
-def _probe_cache() -> Optional[str]:
-    """None if torch adopts a cached block (checked once, at import); else why not."""
-    try:
-        t = torch.from_dlpack(_C.cpu_empty((1,), "float32"))
-        if t.shape != (1,) or t.dtype != torch.float32 or not t.is_cpu:
-            return f"torch.from_dlpack gave {t.dtype} {tuple(t.shape)} on {t.device}"
-    except Exception as exc:  # an old torch: outputs then come from torch's allocator
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
-_CACHE_ERROR: Optional[str] = None
-if _C is not None:
-    _CACHE_ERROR = _probe_cache()
-    _env_limit = _cache_limit_from_env()
-    if _env_limit is not None:
-        set_cpu_cache_limit(_env_limit)
-    if _CACHE_ERROR is not None:
-        _cache_on = False
 
 
 # ---------------------------------------------------------------------------
@@ -263,7 +177,7 @@ def _kernel_view(x: Tensor, dim: int, groups: int) -> Tuple[Tensor, int]:
 
 def _fq_forward_impl(x, scale, bits, offset, dim, signed, bits_min, bits_max):
     _require_c()
-    y = _out_like(x)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.numel() == 0:
         return y
     xk, kdim = _kernel_view(x, dim, bits.numel())
@@ -279,7 +193,7 @@ def _fq_forward_impl(x, scale, bits, offset, dim, signed, bits_min, bits_max):
 def _fq_backward_impl(grad_y, x, scale, bits, offset, dim, signed, bits_min, bits_max,
                       lsq_grad_scale):
     _require_c()
-    grad_x = _out_like(x)
+    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.numel() == 0:
         # Documented choice: an empty x has zero gradients everywhere.
         grad_x.zero_()
@@ -299,7 +213,7 @@ def _fq_backward_impl(grad_y, x, scale, bits, offset, dim, signed, bits_min, bit
         gyk, gxk = gyk.reshape(1), grad_x.view(1)
     workspace = None
     if x.is_cuda:
-        outer, g, inner = reference.group_shape(xk.shape, kdim, bits.numel())
+        outer, g, inner = contract.group_shape(xk.shape, kdim, bits.numel())
         nbytes = _C.fq_workspace_bytes(outer, g, inner, x.device.index or 0)
         if nbytes > 0:
             workspace = _to_c(torch.empty(nbytes, dtype=torch.uint8, device=x.device))
@@ -424,16 +338,7 @@ def _validate(x, scale, bits, offset, signed, dim, bits_range, grad_scale):
         raise TypeError(f"qvit.fake_quant: signed must be a bool, got {type(signed).__name__}")
     if not _is_int(dim):
         raise TypeError(f"qvit.fake_quant: dim must be an int, got {type(dim).__name__}")
-    if (not isinstance(bits_range, (tuple, list)) or len(bits_range) != 2
-            or not (_is_int(bits_range[0]) and _is_int(bits_range[1]))):
-        raise TypeError(f"qvit.fake_quant: bits_range must be a pair of ints, got {bits_range!r}")
-    bmin, bmax = int(bits_range[0]), int(bits_range[1])
-    if not 1 <= bmin <= bmax <= 16:
-        raise ValueError(
-            f"qvit.fake_quant: bits_range must satisfy 1 <= min <= max <= 16, got {tuple(bits_range)}")
-    if signed and bmin < 2:
-        raise ValueError(
-            f"qvit.fake_quant: a signed quantizer needs bits_range min >= 2, got {tuple(bits_range)}")
+    bmin, bmax = contract.check_bits_range(bits_range, signed, prefix="qvit.fake_quant: ")
     if grad_scale is None:
         lsq = -1.0
     else:
@@ -468,23 +373,12 @@ def _validate(x, scale, bits, offset, signed, dim, bits_range, grad_scale):
                 f"qvit.fake_quant: {name} is on {t.device} but x is on {x.device}; "
                 "all tensors must be on one device")
 
-    k = bmax - bmin + 1
-    if bits.dim() != 1 or bits.numel() < 1:
-        raise ValueError(
-            f"qvit.fake_quant: bits must be a 1-D tensor [G] with G >= 1, got shape {tuple(bits.shape)}")
-    g = bits.shape[0]
-    sshape = scale.shape
-    if len(sshape) != 2 or sshape[1] != k or (sshape[0] != 1 and sshape[0] != g):
-        raise ValueError(
-            f"qvit.fake_quant: scale must have shape [1, {k}] or [{g}, {k}] for bits_range "
-            f"{(bmin, bmax)} and {g} groups, got {tuple(sshape)}")
-    if offset is not None and offset.shape != sshape:
-        raise ValueError(
-            f"qvit.fake_quant: offset must have the shape of scale {tuple(sshape)}, "
-            f"got {tuple(offset.shape)}")
+    g, _ = contract.check_param_shapes(scale.shape, bits.shape,
+                                       None if offset is None else offset.shape, (bmin, bmax),
+                                       prefix="qvit.fake_quant: ")
     if g > 1:
         try:
-            reference.group_shape(x.shape, int(dim), g)
+            contract.group_shape(x.shape, int(dim), g)
         except ValueError as exc:
             raise ValueError(f"qvit.fake_quant: {exc}") from None
     return bmin, bmax, lsq
@@ -545,7 +439,8 @@ def fake_quant(
         offset: optional ``[1 or G, K]`` offset table (LSQ+), same dtype as ``scale``.
         signed: signed codes ``[-2^(b-1), 2^(b-1)-1]`` or unsigned ``[0, 2^b-1]``.
         dim: the dimension of ``x`` split into ``G`` groups (ignored when ``G == 1``).
-        bits_range: ``(bits_min, bits_max)``, ``1 <= min <= max <= 16``; signed needs min >= 2.
+        bits_range: ``(bits_min, bits_max)``, ``1 <= min <= max <= 24``
+            (:data:`qvit.ops.contract.BITS_LIMIT`); signed needs min >= 2.
         grad_scale: constant factor on the scale gradient; ``None`` = the LSQ default.
 
     Returns:

@@ -10,11 +10,14 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
+
+from .config import TrainConfig, add_arguments, explicit_values, known_values, layered
 
 PROG = "qvit"
-QUANT_CHOICES = ("none", "lsq_w4a4", "uniform_w3a3", "qvit_mixed")
 EXIT_USAGE = 2
+# flags a resumed run does not take over from the checkpoint's settings
+_NOT_RESUMED = ("resume", "overwrite", "stop_after_epoch")
 
 
 class CLIError(Exception):
@@ -28,115 +31,21 @@ class _Parser(argparse.ArgumentParser):
         raise CLIError(f"{self.prog}: error: {message}")
 
 
-def _kv(text: str):
-    """``key=value`` with the value read as YAML (numbers, bools, lists)."""
-    import yaml
-
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
-    k, v = text.split("=", 1)
-    return k.strip(), yaml.safe_load(v)
-
-
-def _float_pair(text: str):
-    try:
-        a, b = (float(t) for t in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected two numbers 'a,b', got {text!r}") from None
-    return (a, b)
-
-
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    d = p.add_argument_group("data")
-    d.add_argument("data", nargs="?", default=None,
+    p.add_argument("data", nargs="?", default=argparse.SUPPRESS,
                    help="folder with train/ and val/ class subfolders; omit to run the "
-                        "embedded digits demo")
-    d.add_argument("--data-dir", default=None, help="same as the positional data folder")
-    d.add_argument("-b", "--batch-size", type=int, default=64)
-    d.add_argument("-j", "--workers", type=int, default=2, help="data loader processes")
-    d.add_argument("--img-size", type=int, default=None)
-    d.add_argument("--mean", type=float, nargs="+", default=[0.485, 0.456, 0.406])
-    d.add_argument("--std", type=float, nargs="+", default=[0.229, 0.224, 0.225])
-    d.add_argument("--interpolation", default="bicubic")
-    d.add_argument("--crop-pct", type=float, default=0.875)
-    d.add_argument("--no-aug", action="store_true", help="no training augmentation")
-    d.add_argument("--scale", type=float, nargs=2, default=[0.08, 1.0],
-                   help="random-resized-crop scale range")
-    d.add_argument("--ratio", type=float, nargs=2, default=[3.0 / 4.0, 4.0 / 3.0])
-    d.add_argument("--hflip", type=float, default=0.5)
-    d.add_argument("--color-jitter", type=float, default=0.4)
-    d.add_argument("--aa", default=None, help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1")
-    d.add_argument("--reprob", type=float, default=0.0, help="random erasing probability")
+                        "embedded digits demo (or to resume with --resume)")
+    p.add_argument("-c", "--config", default="",
+                   help="YAML file of settings (flag names as keys, e.g. an args.yaml); "
+                        "command-line flags override it")
+    add_arguments(p)
 
-    m = p.add_argument_group("model")
-    m.add_argument("--model", default="deit_tiny_patch16_224")
-    m.add_argument("--pretrained", action="store_true",
-                   help="timm's pretrained weights (needs the hub)")
-    m.add_argument("--pretrained-path", default="",
-                   help="local weights through timm's pretrained loading (head adapted)")
-    m.add_argument("--initial-checkpoint", default="",
-                   help="local float checkpoint (timm load_checkpoint semantics: strict)")
-    m.add_argument("--num-classes", type=int, default=None)
-    m.add_argument("--drop-path", type=float, default=None)
-    m.add_argument("--model-kwargs", nargs="*", type=_kv, default=[],
-                   metavar="KEY=VALUE", help="extra timm.create_model arguments")
 
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=300)
-    o.add_argument("--lr", type=float, default=2e-4)
-    o.add_argument("--opt", default="adamw")
-    o.add_argument("--momentum", type=float, default=0.9)
-    o.add_argument("--weight-decay", type=float, default=0.05)
-    o.add_argument("--sched", default="cosine")
-    o.add_argument("--min-lr", type=float, default=0.0)
-    o.add_argument("--warmup-epochs", type=int, default=0)
-    o.add_argument("--warmup-lr", type=float, default=1e-6)
-    o.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    o.add_argument("--clip-grad", type=float, default=None)
-    o.add_argument("--amp", action="store_true")
-    o.add_argument("--amp-dtype", default="bfloat16")
-    o.add_argument("--torchcompile", nargs="?", const="inductor", default=None)
-    o.add_argument("--seed", type=int, default=42)
-    o.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
-    o.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-
-    q = p.add_argument_group("quantization")
-    q.add_argument("--quant", default="qvit_mixed", choices=QUANT_CHOICES,
-                   help="quantizer preset, or none for float training")
-    q.add_argument("--target-bits", type=float, default=None,
-                   help="BitOPs budget = uniform WbAb with 8-bit first/last layers")
-    q.add_argument("--budget-gbitops", type=float, default=None)
-    q.add_argument("--budget-kind", default="bitops", choices=("bitops", "size"))
-    q.add_argument("--budget-weight", type=float, default=0.1, help="lambda of the budget loss")
-    q.add_argument("--budget-relative", action="store_true",
-                   help="penalise the overshoot relative to the budget: "
-                        "lambda*max(B/budget-1,0)^2 (for models far from DeiT size)")
-    hw = q.add_mutually_exclusive_group()
-    hw.add_argument("--head-wise", dest="head_wise", action="store_true", default=None)
-    hw.add_argument("--no-head-wise", dest="head_wise", action="store_false")
-    q.add_argument("--first-last-bits", type=int, default=None)
-    q.add_argument("--bit-lr", type=float, default=1.0, help="lr multiplier for bit-widths")
-    q.add_argument("--scale-lr", type=float, default=1.0, help="lr multiplier for scales/offsets")
-    q.add_argument("--freeze-bits-at", type=float, default=0.9,
-                   help="fraction of training after which bit-widths stop changing")
-    q.add_argument("--calib-batches", type=int, default=1)
-    q.add_argument("--qat-eval-mode", action="store_true",
-                   help="keep the model in eval mode during QAT (research recipe)")
-    q.add_argument("--distill", action="store_true", help="float model as soft-KD teacher")
-    q.add_argument("--distill-alpha", type=float, default=0.5)
-    q.add_argument("--distill-temp", type=float, default=1.0)
-
-    r = p.add_argument_group("run")
-    r.add_argument("--output", default=None, help="run folder (default ./output/train/<name>)")
-    r.add_argument("--experiment", default="")
-    r.add_argument("--resume", default="", help="continue from a last.pth")
-    r.add_argument("--log-interval", type=int, default=10)
-    r.add_argument("--no-progress", action="store_true")
-    r.add_argument("--no-tensorboard", action="store_true")
-    r.add_argument("--quiet", action="store_true")
-    r.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="demo only: run the demo once per seed and average")
-    r.add_argument("--stop-after-epoch", type=int, default=None, help=argparse.SUPPRESS)
+def build_train_parser(prog: str = f"{PROG} train") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="train a timm model (float or Q-ViT QAT); with no "
+                "data folder: the embedded digits demo")
+    _add_train_args(p)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,58 +53,63 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="{train,eval,report,export}",
                            parser_class=_Parser)
     t = sub.add_parser("train", help="train (float or QAT); no data folder: the digits demo")
-    t.add_argument("-c", "--config", default="", help="YAML file whose keys set defaults")
     _add_train_args(t)
 
-    e = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on an image folder")
-    e.add_argument("checkpoint")
+    e = sub.add_parser("eval", help="top-1/top-5 of a checkpoint or exported file on an "
+                       "image folder")
+    e.add_argument("checkpoint", help="a qvit checkpoint (.pth) or export (.safetensors)")
     e.add_argument("--data", "--data-dir", dest="data", required=True,
                    help="dataset root (uses val/) or a class-per-subfolder folder")
-    e.add_argument("-b", "--batch-size", type=int, default=64)
-    e.add_argument("-j", "--workers", type=int, default=2)
-    e.add_argument("--device", default=None)
+    e.add_argument("-b", "--batch-size", type=int, default=64,
+                   help="images per batch (default: 64)")
+    e.add_argument("-j", "--workers", type=int, default=2,
+                   help="data loader processes (default: 2)")
+    e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
-    rp = sub.add_parser("report", help="the learned bit-widths of a checkpoint")
-    rp.add_argument("checkpoint")
-    rp.add_argument("--plot", default=None, help="write a PNG of per-layer / per-head bits")
-    rp.add_argument("--json", action="store_true")
+    rp = sub.add_parser("report", help="the learned bit-widths of a checkpoint or export")
+    rp.add_argument("checkpoint", help="a qvit checkpoint (.pth) or export (.safetensors)")
+    rp.add_argument("--plot", default=None,
+                    help="write a PNG of per-layer / per-head bits (needs matplotlib)")
+    rp.add_argument("--json", action="store_true", help="print the report as JSON")
 
     x = sub.add_parser("export", help="integer codes + scales + bits to safetensors")
-    x.add_argument("checkpoint")
-    x.add_argument("out", help="output .safetensors path")
+    x.add_argument("checkpoint", help="a quantized qvit checkpoint (.pth)")
+    x.add_argument("out", help="output .safetensors path (its folder must exist)")
     return p
 
 
 # ------------------------------------------------------------------ train
-def parse_train_args(argv: List[str]) -> argparse.Namespace:
+def parse_train(argv: List[str]) -> Tuple[TrainConfig, Dict[str, Any]]:
+    """``qvit train`` arguments as a :class:`TrainConfig` and the explicitly given values.
+
+    Precedence: command line > ``-c`` YAML > the ``--resume`` checkpoint's
+    settings > :class:`TrainConfig` defaults; ``model_kwargs`` merge key by key.
+    """
+    ns = build_train_parser().parse_args(argv)
+    explicit = explicit_values(ns)
+    data = getattr(ns, "data", None)
+    if data is not None:
+        if explicit.get("data_dir") not in (None, data):
+            raise CLIError("give the data folder once (positional or --data-dir)")
+        explicit["data_dir"] = data
+    from_file = known_values(_read_yaml(ns.config), source=ns.config) if ns.config else {}
+    resume = explicit.get("resume") or from_file.get("resume")
+    from_run: Dict[str, Any] = {}
+    if resume:
+        from ..models import checkpoint as ckpt_io
+
+        saved = ckpt_io.load(resume).get("args") or {}
+        if isinstance(saved, dict):
+            from_run = known_values(saved, source=resume, ignore_unknown=True)
+            for k in _NOT_RESUMED:
+                from_run.pop(k, None)
+    return layered(from_run, from_file, explicit), explicit
+
+
+def parse_train_args(argv: List[str]) -> TrainConfig:
     """Parse ``qvit train`` arguments (with ``-c`` YAML defaults, timm style)."""
-    parser = build_parser()
-    train_parser = parser._subparsers._group_actions[0].choices["train"]  # noqa: SLF001
-    pre = _Parser(add_help=False)
-    pre.add_argument("-c", "--config", default="")
-    known, _ = pre.parse_known_args(argv)
-    if known.config:
-        cfg = _read_yaml(known.config)
-        dests = {a.dest for a in train_parser._actions}  # noqa: SLF001
-        unknown = sorted(k for k in (k.replace("-", "_") for k in cfg) if k not in dests)
-        if unknown:
-            raise CLIError(f"{known.config}: unknown keys {unknown}")
-        train_parser.set_defaults(**{k.replace("-", "_"): v for k, v in cfg.items()})
-    args = parser.parse_args(["train", *argv])
-    return finish_train_args(args)
-
-
-def finish_train_args(args: argparse.Namespace) -> argparse.Namespace:
-    if args.data and args.data_dir and args.data != args.data_dir:
-        raise CLIError("give the data folder once (positional or --data-dir)")
-    args.data_dir = args.data_dir or args.data
-    args.model_kwargs = dict(args.model_kwargs or [])
-    if args.output is None and args.data_dir:
-        name = args.experiment or "-".join(
-            [args.model, args.quant or "none", str(args.seed)])
-        args.output = os.path.join("output", "train", name)
-    return args
+    return parse_train(argv)[0]
 
 
 def _read_yaml(path: str) -> Dict[str, Any]:
@@ -214,40 +128,62 @@ def _read_yaml(path: str) -> Dict[str, Any]:
 
 
 def cmd_train(argv: List[str]) -> int:
-    args = parse_train_args(argv)
-    if not args.data_dir:
+    cfg, explicit = parse_train(argv)
+    if not cfg.data_dir:
         from .demo import run_demo
 
-        run_demo(args)
+        run_demo(cfg, explicit=set(explicit))
         return 0
     from .loop import train
 
-    train(args)
+    train(cfg)
     return 0
 
 
 # ------------------------------------------------------------- eval/report
-def _load_model(path: str, device: Optional[str] = None):
+def _is_export(path: str) -> bool:
+    from ..models.export import ExportError, read_config
+
+    if not (path.endswith(".safetensors") and os.path.isfile(path)):
+        return False
+    try:
+        read_config(path)
+    except ExportError:
+        return False  # a plain safetensors file: the checkpoint path explains
+    return True
+
+
+def _load_model(path: str):
+    """The model of a qvit checkpoint (.pth) or export (.safetensors); it carries its
+    recipe (see :func:`qvit.models.recipe.describe`) and evaluation transform."""
+    if _is_export(path):
+        from ..models.export import load_exported
+
+        return load_exported(path)
     from ..models import checkpoint as ckpt_io
     from ..models.recipe import model_from_checkpoint
 
-    ck = ckpt_io.load(path)
-    model = model_from_checkpoint(ck, path)
-    return model, ck
+    return model_from_checkpoint(ckpt_io.load(path), path)
+
+
+def _quantized(model) -> bool:
+    from ..models.recipe import describe
+
+    return describe(model)[1] is not None
 
 
 def cmd_eval(args) -> int:
-    from .data import LoaderConfig, create_loader, eval_folder
     from ..models.recipe import input_size
-    from .loop import _device, evaluate
+    from .data import LoaderConfig, create_loader, eval_folder
+    from .evaluate import evaluate, resolve_device
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     split = eval_folder(args.data)
-    model, ck = _load_model(args.checkpoint)
-    device = _device(args)
+    model = _load_model(args.checkpoint)
+    device = resolve_device(args.device)
     model.to(device)
-    a = ck.get("args") or {}
+    a = model.__dict__.get("qvit_data") or {}
     c, h, _ = input_size(model)
     cfg = LoaderConfig(img_size=h, batch_size=args.batch_size, workers=args.workers,
                        in_chans=c, mean=tuple(a.get("mean", (0.485, 0.456, 0.406))),
@@ -271,10 +207,15 @@ def cmd_report(args) -> int:
     import torch
 
     from ..models.recipe import input_size
-    from ..models.report import plot_bits, report
+    from ..models.report import plot_bits, report, require_matplotlib
 
-    model, ck = _load_model(args.checkpoint)
-    if ck.get("quant") is None:
+    if args.plot:
+        try:
+            require_matplotlib()
+        except ImportError as e:
+            raise CLIError(f"--plot: {e}") from None
+    model = _load_model(args.checkpoint)
+    if not _quantized(model):
         raise CLIError(f"{args.checkpoint} is a float checkpoint: nothing to report")
     c, h, w = input_size(model)
     with torch.no_grad():  # BitOPs come from the latest forward
@@ -293,10 +234,10 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     from ..models.export import export
 
-    model, ck = _load_model(args.checkpoint)
-    if ck.get("quant") is None:
+    model = _load_model(args.checkpoint)
+    if not _quantized(model):
         raise CLIError(f"{args.checkpoint} is a float checkpoint: export needs a quantized one")
-    n = export(model, args.out, model_info=ck["model_info"], quant=ck["quant"])
+    n = export(model, args.out)
     print(f"wrote {args.out} ({n} tensors)")
     return 0
 
@@ -318,6 +259,7 @@ def _dispatch(argv: List[str]) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``qvit`` console script; returns the exit code."""
     from ..models.checkpoint import CheckpointError
+    from ..models.export import ExportError
     from .data import DataError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -327,7 +269,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         UsageError = ValueError  # noqa: N806
     try:
         return _dispatch(argv)
-    except (CLIError, DataError, CheckpointError, UsageError) as e:
+    except (CLIError, DataError, CheckpointError, ExportError, UsageError) as e:
         msg = str(e)
         if not msg.startswith(PROG):
             msg = f"{PROG}: error: {msg}"

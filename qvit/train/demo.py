@@ -13,11 +13,32 @@ from __future__ import annotations
 import csv
 import os
 import time
-from typing import List
+from typing import Collection, List
+
+from .config import TrainConfig
 
 VAL_FRACTION = 0.2
 SPLIT_SEED = 0
 _MARKER = ".qvit-digits-v1"
+
+
+def require_extras() -> None:
+    """The demo's dependencies (the ``demo`` extra), named in one clear error."""
+    import importlib.util
+
+    from ..models.recipe import UsageError
+
+    missing = []
+    for module, package in (("sklearn", "scikit-learn"), ("matplotlib", "matplotlib")):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(package)
+    if missing:
+        raise UsageError(f"the embedded demo needs {' and '.join(missing)}: pip install "
+                         "'qvit[demo]' (or give a data folder to train on)")
 
 
 def write_digits_folder(root: str) -> str:
@@ -57,62 +78,42 @@ def write_digits_folder(root: str) -> str:
 # A DeiT small enough for two CPU cores: 16x16 upsampled digits, 4x4 patches
 # (16 tokens + cls), width 96, 3 heads, depth 4.
 MODEL = "deit_tiny_patch16_224"
-MODEL_KWARGS = ["patch_size=4", "embed_dim=96", "depth=4", "num_heads=3"]
+MODEL_KWARGS = {"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3}
 IMG_SIZE = 16
 FLOAT_EPOCHS = 15
 QAT_EPOCHS = 6
-def _common() -> List[str]:
-    return [
-        "--model", MODEL, "--img-size", str(IMG_SIZE), "--model-kwargs", *MODEL_KWARGS,
-        "-b", "64", "-j", "0", "--opt", "adamw", "--sched", "cosine", "--weight-decay", "0.05",
-        "--smoothing", "0.1",
+
+
+def _common(seed: int) -> TrainConfig:
+    return TrainConfig(
+        model=MODEL, img_size=IMG_SIZE, model_kwargs=dict(MODEL_KWARGS), batch_size=64,
+        workers=0, opt="adamw", sched="cosine", weight_decay=0.05, smoothing=0.1, seed=seed,
         # digits: no flips, mild crops, grey images centred at 0.5
-        "--mean", "0.5", "0.5", "0.5", "--std", "0.5", "0.5", "0.5", "--crop-pct", "1.0",
-        "--interpolation", "bilinear", "--scale", "0.7", "1.0", "--ratio", "0.9", "1.1",
-        "--hflip", "0", "--color-jitter", "0",
-    ]
+        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0, interpolation="bilinear",
+        scale=(0.7, 1.0), ratio=(0.9, 1.1), hflip=0.0, color_jitter=0.0,
+        # the demo replaces its own earlier results (run_demo says so)
+        overwrite=True)
 
 
-FLOAT_ARGS = ["--quant", "none", "--lr", "2e-3", "--warmup-epochs", "1"]
-QAT_ARGS = ["--lr", "5e-4", "--calib-batches", "1"]
+FLOAT_RUN = dict(quant="none", lr=2e-3, warmup_epochs=1)
+QAT_RUN = dict(lr=5e-4, calib_batches=1)
 METHODS = [
-    # (label, preset, extra flags)
-    ("uniform W4A4 (LSQ)", "lsq_w4a4", []),
-    ("uniform W3A3 (LSQ)", "uniform_w3a3", []),
+    # (label, preset, extra settings)
+    ("uniform W4A4 (LSQ)", "lsq_w4a4", {}),
+    ("uniform W3A3 (LSQ)", "uniform_w3a3", {}),
     ("Q-ViT mixed, 3-bit budget", "qvit_mixed",
-     ["--target-bits", "3", "--budget-relative", "--budget-weight", "10",
-      "--bit-lr", "100", "--head-wise"]),
+     dict(target_bits=3.0, budget_relative=True, budget_weight=10.0, bit_lr=100.0,
+          head_wise=True)),
 ]
-# flags of `qvit train` that the demo passes through to every run
+# settings of `qvit train` that the demo passes through to every run
 PASS_THROUGH = ("workers", "device", "threads", "no_progress", "quiet", "amp", "amp_dtype",
                 "no_tensorboard")
 
 
-def _passthrough(args) -> List[str]:
-    from .cli import build_parser
-
-    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]  # noqa: SLF001
-    out: List[str] = []
-    for action in train_parser._actions:  # noqa: SLF001
-        if action.dest not in PASS_THROUGH or not action.option_strings:
-            continue
-        value = getattr(args, action.dest, None)
-        if value == action.default:
-            continue
-        flag = action.option_strings[-1]
-        if isinstance(value, bool):
-            if value:
-                out.append(flag)
-        else:
-            out += [flag, str(value)]
-    return out
-
-
-def _run(argv: List[str]):
-    from .cli import parse_train_args
+def _run(cfg: TrainConfig):
     from .loop import train
 
-    return train(parse_train_args(argv))
+    return train(cfg)
 
 
 def _float_costs(qmodel):
@@ -123,39 +124,49 @@ def _float_costs(qmodel):
             uniform_size_bits(qmodel, 32, first_last_bits=32) / 8 / 1024)
 
 
-def run_demo(args) -> List[dict]:
-    """The embedded default of `qvit train`: float, W4A4, W3A3, Q-ViT mixed."""
+def run_demo(cfg: TrainConfig, explicit: Collection[str] = ()) -> List[dict]:
+    """The embedded default of `qvit train`: float, W4A4, W3A3, Q-ViT mixed.
+
+    ``cfg``: the user's settings; the demo takes ``output``, ``seeds``,
+    ``epochs`` (when in ``explicit``: QAT epochs, float runs twice as many) and
+    the :data:`PASS_THROUGH` settings from it.
+    """
     import torch
 
     from ..models.budget import average_bits, bitops, model_size_bits
     from ..models.report import plot_bits, report
 
-    out = args.output or os.path.join("output", "demo")
+    require_extras()
+    out = cfg.output or os.path.join("output", "demo")
+    if os.path.isfile(os.path.join(out, "results.md")):
+        print(f"[demo] replacing the earlier demo results in {out}/", flush=True)
     os.makedirs(out, exist_ok=True)
     cache = os.environ.get("QVIT_CACHE") or os.path.join(out, "data")
     data = write_digits_folder(os.path.join(cache, "digits"))
-    seeds = args.seeds if args.seeds else [0]
-    qat_epochs = args.epochs if args.epochs != 300 else QAT_EPOCHS
-    float_epochs = FLOAT_EPOCHS if args.epochs == 300 else max(1, 2 * args.epochs)
-    extra = _passthrough(args)
+    seeds = list(cfg.seeds) if cfg.seeds else [0]
+    qat_epochs = cfg.epochs if "epochs" in explicit else QAT_EPOCHS
+    float_epochs = max(1, 2 * cfg.epochs) if "epochs" in explicit else FLOAT_EPOCHS
+    defaults = TrainConfig()
+    passed = {k: getattr(cfg, k) for k in PASS_THROUGH
+              if k in explicit or getattr(cfg, k) != getattr(defaults, k)}
     t0 = time.time()
     rows: List[dict] = []
     mixed_model = None
     for seed in seeds:
         run_root = os.path.join(out, f"seed{seed}")
-        base = [data, *_common(), "--seed", str(seed), *extra]
+        base = _common(seed).replace(data_dir=data, **passed)
         print(f"[demo] seed {seed}: float {float_epochs} epochs", flush=True)
-        f = _run([*base, *FLOAT_ARGS, "--epochs", str(float_epochs),
-                  "--output", os.path.join(run_root, "float")])
+        f = _run(base.replace(**FLOAT_RUN, epochs=float_epochs,
+                              output=os.path.join(run_root, "float")))
         float_ckpt = os.path.join(run_root, "float", "last.pth")
         float_row = {"method": "float (32-bit)", "seed": seed, "top1": f["final_top1"],
                      "wbits": 32.0, "abits": 32.0}
         rows.append(float_row)
-        for label, name, flags in METHODS:
+        for label, name, extra in METHODS:
             print(f"[demo] seed {seed}: {label}, {qat_epochs} epochs", flush=True)
-            s = _run([*base, *QAT_ARGS, "--quant", name, *flags, "--epochs", str(qat_epochs),
-                      "--initial-checkpoint", float_ckpt,
-                      "--output", os.path.join(run_root, name)])
+            s = _run(base.replace(**QAT_RUN, **extra, quant=name, epochs=qat_epochs,
+                                  initial_checkpoint=float_ckpt,
+                                  output=os.path.join(run_root, name)))
             m = s["model_obj"]
             with torch.no_grad():
                 m.eval()
@@ -194,7 +205,8 @@ def _write_results(rows: List[dict], seeds, out: str, wall: float) -> str:
     for r in rows:
         if r["method"] not in methods:
             methods.append(r["method"])
-    lines = [f"digits (sklearn 8x8, 16x16 input), {MODEL} with {' '.join(MODEL_KWARGS)}; "
+    lines = [f"digits (sklearn 8x8, 16x16 input), {MODEL} with "
+             f"{' '.join(f'{k}={v}' for k, v in MODEL_KWARGS.items())}; "
              f"seeds {list(seeds)}; top-1 on the {int(VAL_FRACTION * 100)}% validation split "
              f"(final epoch{', mean ± std' if len(seeds) > 1 else ''})", "",
              "| method | top-1 (%) | avg weight bits | avg act bits | GBitOPs | size (KB) |",

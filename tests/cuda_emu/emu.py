@@ -1,4 +1,4 @@
-"""Builds csrc/fq_cuda.cu for the host emulation in this folder and calls it.
+"""Builds csrc/fq_cuda.cu (kernels: fq_cuda_kernels.cuh) for the host emulation here, and calls it.
 
 ``build(outdir)`` rewrites the kernel launches (``k<<<grid, block, smem,
 stream>>>(args)`` becomes ``sim_launch(grid, block, [&] { k(args); })``),
@@ -81,10 +81,22 @@ def translate(src: str) -> str:
     return src
 
 
+def cuda_source() -> str:
+    """fq_cuda.cu with the local headers it includes (the kernels) inlined, so
+    that ``translate`` sees the kernels and their launches as one text."""
+    with open(os.path.join(CSRC, "fq_cuda.cu")) as f:
+        src = f.read()
+
+    def inline(m):
+        with open(os.path.join(CSRC, m.group(1))) as f:
+            return f.read()
+
+    return re.sub(r'^#include "(\w+\.cuh)"\n', inline, src, flags=re.M)
+
+
 def build(outdir: str) -> str:
     """Compile the emulation library into outdir; return its path."""
-    with open(os.path.join(CSRC, "fq_cuda.cu")) as f:
-        cpp = translate(f.read())
+    cpp = translate(cuda_source())
     src = os.path.join(outdir, "fq_cuda_emu.cpp")
     with open(src, "w") as f:
         f.write(cpp)
@@ -93,7 +105,9 @@ def build(outdir: str) -> str:
     # may already have loaded into the process.
     cmd = ["g++", "-O1", "-std=c++17", "-fPIC", "-shared", "-Wl,-Bsymbolic", "-fno-strict-aliasing",
            "-ffp-contract=off", "-I" + cuda_include(), "-I" + CSRC, "-I" + HERE,
-           src, os.path.join(HERE, "sim_rt.cpp"), "-o", lib]
+           src, os.path.join(HERE, "sim_rt.cpp"),
+           # the parameter rules the launchers call (C, shared with the CPU path)
+           "-x", "c", os.path.join(CSRC, "fq_params.c"), "-x", "none", "-o", lib]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return lib
 

@@ -57,6 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dlpack_raw import KDL_CPU, RawTensor  # noqa: E402
 
 from qvit.ops import reference, torch_ops as ops  # noqa: E402
+from qvit.ops.contract import BITS_LIMIT  # noqa: E402
 
 try:
     from qvit import _C  # noqa: E402
@@ -194,10 +195,10 @@ def gen_spec(src: Source) -> Dict[str, Any]:
     spec["signed"] = signed
     bmin = src.choice([2, 2, 2, 3, 4]) if signed else src.choice([1, 2, 2, 4])
     bmax = bmin + src.choice([0, 1, 3, 6, 6, 6, 10])
-    bmax = min(bmax, 16)
+    bmax = min(bmax, BITS_LIMIT)
     if src.prob(0.03):
-        bmin, bmax = src.choice([(0, 8), (8, 2), (2, 17), (1, 8), (-5, 4), (2, 40)])
-        if not (1 <= bmin <= bmax <= 16 and (bmin >= 2 or not signed)):
+        bmin, bmax = src.choice([(0, 8), (8, 2), (2, BITS_LIMIT + 1), (1, 8), (-5, 4), (2, 40)])
+        if not (1 <= bmin <= bmax <= BITS_LIMIT and (bmin >= 2 or not signed)):
             _fault(spec, "bits_min", "range")
     spec["bits_min"], spec["bits_max"] = bmin, bmax
     K = max(bmax - bmin + 1, 1)
