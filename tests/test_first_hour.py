@@ -245,18 +245,18 @@ def test_8_eval_report_read_exports_and_missing_folder(data, tmp_path, capsys):
 # 9 ------------------------------------------------------------- resume
 def test_9_resume_without_data_restores_the_run(data, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", data, *TINY, "--quant", "none", "--epochs", "2", "-b", "3",
+    assert main(["train", data, *TINY, "--quant", "none", "--epochs", "2", "-b", "2",
                  "--stop-after-epoch", "0", "--output", str(out)]) == 0
     cfg = parse_train_args(["--resume", str(out / "last.pth")])
-    assert cfg.data_dir == data and cfg.batch_size == 3 and cfg.epochs == 2
+    assert cfg.data_dir == data and cfg.batch_size == 2 and cfg.epochs == 2
     assert cfg.model_kwargs["embed_dim"] == 24 and cfg.stop_after_epoch is None
     # flags given now still win
-    assert parse_train_args(["--resume", str(out / "last.pth"), "-b", "5"]).batch_size == 5
+    assert parse_train_args(["--resume", str(out / "last.pth"), "-b", "6"]).batch_size == 6
     assert main(["train", "--resume", str(out / "last.pth")]) == 0
     from qvit.models import checkpoint as ckpt_io
 
     ck = ckpt_io.load(str(out / "last.pth"))
-    assert ck["epoch"] == 1 and ck["args"]["batch_size"] == 3
+    assert ck["epoch"] == 1 and ck["args"]["batch_size"] == 2
 
 
 # 10 ------------------------------------------------------- model kwargs
@@ -344,7 +344,7 @@ def test_13_help_has_a_line_and_default_for_every_flag():
         assert flag in text, flag
         assert f.metadata["help"].strip(), flag
     flat = " ".join(text.split())
-    assert "base learning rate (default: 0.0002)" in flat
+    assert "weight decay (not on norms, biases, tokens, scales, bits) (default: 0.05)" in flat
     assert "quantizer preset, or none for float training (default: qvit_mixed)" in flat
     assert "(default: 0.485 0.456 0.406)" in flat
     assert "==SUPPRESS==" not in text

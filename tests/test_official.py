@@ -1,7 +1,7 @@
 """``qvit_official`` against the research code (github zhexinli/Q-ViT-DeiT).
 
 Independent re-statements of the research code, written here from its
-description (``reference/method.md`` sections 2-4): its per-tensor MSE
+description (``docs/design.md`` sections 2.6, 5.2 and 5.3): its per-tensor MSE
 initialisation loop (``quantize_by_mse`` / ``quantize_by_mse_with_offset``, a
 plain ``while`` loop on a flat tensor, float64 here), its weight reshapes
 (``weight.reshape(Cin, H, Cout // H)`` for W_q/W_k/W_v, ``weight.reshape(H,

@@ -155,6 +155,13 @@ def _train(cfg: TrainConfig, dinfo) -> Dict[str, Any]:
 
     spec = quant_spec(cfg)
     apply_quant(model, spec)
+    if spec is not None:
+        from ..models.convert import conversion_summary
+
+        conv = conversion_summary(model)
+        log("quantized: " + ", ".join(f"{len(v)} {k.replace('_', ' ')}" for k, v in conv.items()
+                                      if v and k != "first_last")
+            + f" (first/last: {', '.join(conv['first_last']) or 'none'})")
     model.to(device)
     qs = QuantState(model, cfg)
 
