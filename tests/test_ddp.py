@@ -113,7 +113,9 @@ def test_torchrun_two_process_gloo_training(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
            "--nproc-per-node", "2", str(main), str(tmp_path), "train", data, *TINY,
            "--device", "cpu", "--quant", "qvit_mixed", "--target-bits", "3", "--epochs", "2",
-           "--freeze-bits-at", "0.5", "-b", "2", "--output", str(out)]
+           "--freeze-bits-at", "0.5", "-b", "2", "--output", str(out),
+           # 24 images: fewer than one round of timm's RepeatAugSampler (256)
+           "--aug-repeats", "0"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]

@@ -38,7 +38,8 @@ def _model(preset_name: str, seed: int = 0, perturb_bits: bool = False):
 
 
 @pytest.mark.parametrize("preset_name, perturb", [("uniform_w3a3", False),
-                                                  ("qvit_mixed", True)])
+                                                  ("qvit_mixed", True),
+                                                  ("qvit_official", True)])
 def test_export_load_reproduces_outputs(tmp_path, preset_name, perturb):
     m, spec = _model(preset_name, perturb_bits=perturb)
     x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))

@@ -51,7 +51,7 @@ def test_qvit_config_rejects():
 
 
 def test_presets():
-    assert set(PRESETS) == {"lsq_w4a4", "uniform_w3a3", "qvit_mixed"}
+    assert set(PRESETS) == {"lsq_w4a4", "uniform_w3a3", "uniform_w2a2", "qvit_mixed", "qvit_official"}
     w4 = preset("lsq_w4a4")
     assert w4.weight.bits == 4 and w4.act.bits == 4 and not w4.weight.learn_bits
     assert not w4.head_wise and w4.first_last_bits == 8

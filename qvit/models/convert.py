@@ -232,6 +232,7 @@ def quantize_model(model: nn.Module, config: QViTConfig, strict: bool = False) -
                 new = cls.from_attention(
                     child, weight=config.weight, act=config.act, attn_cfg=config.attn,
                     probs=config.attn_probs, head_wise=config.head_wise,
+                    weight_grouping=config.weight_grouping,
                     quantize_qkv=not skipped(f"{name}.qkv"),
                     quantize_proj=not skipped(f"{name}.proj"))
                 setattr(parent, cname, new)

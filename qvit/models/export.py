@@ -55,16 +55,26 @@ def _view(w: Tensor, q) -> Tuple[Tensor, Tuple[int, ...]]:
     return w.reshape(outer, g, inner), tuple(w.shape)
 
 
+def _layout(module: Optional[nn.Module]):
+    """The layer's map of its weight to the quantizer's grouped view and back
+    (``weight_to_groups`` / ``weight_from_groups``; identity for plain layers)."""
+    to_g = getattr(module, "weight_to_groups", None)
+    if to_g is None:
+        return (lambda t: t), (lambda t: t)
+    return to_g, module.weight_from_groups
+
+
 @torch.no_grad()
 def weight_codes(module: nn.Module, q) -> Tensor:
     """Integer codes of ``module.weight`` under its weight quantizer (same shape)."""
-    y = q.quantize(module.weight.detach().float())  # the fake-quant output: on the grid
+    to_g, from_g = _layout(module)
+    y = q.quantize(to_g(module.weight.detach().float()))  # the fake-quant output: on the grid
     yv, shape = _view(y, q)
     s, o = _active(q, yv)
     qn, qp = contract.qrange(q.rounded_bits(), q.signed)
     codes = torch.round((yv - o[None, :, None]) / s[None, :, None])
     codes = torch.maximum(torch.minimum(codes, qp[None, :, None]), qn[None, :, None])
-    return codes.reshape(shape).to(_code_dtype(codes))
+    return from_g(codes.reshape(shape)).to(_code_dtype(codes))
 
 
 def _code_dtype(codes: Tensor) -> torch.dtype:
@@ -78,11 +88,12 @@ def _code_dtype(codes: Tensor) -> torch.dtype:
 
 
 @torch.no_grad()
-def decode_codes(codes: Tensor, q) -> Tensor:
+def decode_codes(codes: Tensor, q, module: Optional[nn.Module] = None) -> Tensor:
     """``codes * scale + offset`` per group (float32, the weight's shape)."""
-    cv, shape = _view(codes.float(), q)
+    to_g, from_g = _layout(module)
+    cv, shape = _view(to_g(codes.float()), q)
     s, o = _active(q, cv)
-    return (cv * s[None, :, None] + o[None, :, None]).reshape(shape)
+    return from_g((cv * s[None, :, None] + o[None, :, None]).reshape(shape))
 
 
 def export(model: nn.Module, path: str, *, model_info: Optional[Dict[str, Any]] = None,
@@ -192,7 +203,7 @@ def load_exported(path: str, device: str = "cpu") -> nn.Module:
             if tuple(c.shape) != tuple(m.weight.shape):
                 raise ExportError(f"{path!r}: codes of {key} have shape {tuple(c.shape)}, "
                                   f"model weight {tuple(m.weight.shape)}")
-            m.weight.copy_(decode_codes(c.to(m.weight.device), q).to(m.weight.dtype))
+            m.weight.copy_(decode_codes(c.to(m.weight.device), q, m).to(m.weight.dtype))
     model.to(device)
     model.eval()
     if cfg.get("data"):
