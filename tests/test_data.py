@@ -199,13 +199,14 @@ def test_demo_end_to_end_tiny(tmp_path, monkeypatch):
         d_mean, d_sd, verdict = demo.paired_verdict(a, b)
         assert f"{m_name} vs {u_name}" in table
         assert f"{d_mean:+.2f} ± {d_sd:.2f} points over 2 seed(s): **{verdict}**" in table
-    for r in by[mixed]:
-        budget, gb = float(r["budget_gbitops"]), float(r["gbitops"])
-        # the 3-bit budget is the BitOPs of uniform W3A3 (8-bit first / last layers)
-        assert budget == pytest.approx(g[w3][0], rel=1e-6)
-        assert gb <= budget * (1 + 1e-6), f"Q-ViT mixed ends over its budget: {gb} > {budget}"
-        # the bits moved: qvit_mixed starts at W5A5 (above the budget) and learned its way
-        # down (a run whose bits stayed put would end at ~25/9 of the budget)
-        assert float(r["wbits"]) < 5 and float(r["abits"]) < 5, r
+    for m_name, u_name in demo.PAIRS:  # each Q-ViT row against its own budget
+        for r in by[m_name]:
+            budget, gb = float(r["budget_gbitops"]), float(r["gbitops"])
+            # the budget is the BitOPs of the paired uniform run (8-bit first / last layers)
+            assert budget == pytest.approx(g[u_name][0], rel=1e-6), m_name
+            assert gb <= budget * (1 + 1e-6), f"{m_name} ends over its budget: {gb} > {budget}"
+            # the bits moved: qvit_mixed starts at W5A5 (above the budget) and learned its
+            # way down (a run whose bits stayed put would end at >= 25/9 of the budget)
+            assert float(r["wbits"]) < 5 and float(r["abits"]) < 5, r
     # the cached digits folder is reused by a second call
     assert (out / "data" / "digits" / "train").is_dir()

@@ -24,8 +24,10 @@ pytestmark = pytest.mark.timm
 
 @pytest.mark.slow
 def test_qvit_train_ends_under_budget_while_loss_falls(tmp_path):
+    from qvit.models import checkpoint as ckpt_io
     from qvit.models.budget import average_bits, bitops, uniform_bitops
-    from qvit.train.cli import _load_model, main
+    from qvit.models.recipe import model_from_checkpoint
+    from qvit.train.cli import main
 
     data = make_folder(tmp_path / "data", classes=3, per_class=(16, 6))
     out = tmp_path / "run"
@@ -40,7 +42,7 @@ def test_qvit_train_ends_under_budget_while_loss_falls(tmp_path):
     assert float(last["train_loss"]) < float(first["train_loss"]), rows
     assert float(last["val_loss"]) < float(first["val_loss"]), rows  # the task loss alone
 
-    model, _ = _load_model(str(out / "last.pth"))
+    model = model_from_checkpoint(ckpt_io.load(str(out / "last.pth")))
     model.eval()
     with torch.no_grad():
         model(torch.zeros(1, 3, 8, 8))  # records the token counts BitOPs need
