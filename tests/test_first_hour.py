@@ -246,6 +246,7 @@ def test_8_eval_report_read_exports_and_missing_folder(data, tmp_path, capsys):
 def test_9_resume_without_data_restores_the_run(data, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", data, *TINY, "--quant", "none", "--epochs", "2", "-b", "3",
+                 "--mixup", "0", "--cutmix", "0",  # mixup / cutmix need an even batch
                  "--stop-after-epoch", "0", "--output", str(out)]) == 0
     cfg = parse_train_args(["--resume", str(out / "last.pth")])
     assert cfg.data_dir == data and cfg.batch_size == 3 and cfg.epochs == 2
@@ -344,7 +345,8 @@ def test_13_help_has_a_line_and_default_for_every_flag():
         assert flag in text, flag
         assert f.metadata["help"].strip(), flag
     flat = " ".join(text.split())
-    assert "base learning rate (default: 0.0002)" in flat
+    assert "learning rate (default: --lr-base x total batch / 512)" in flat
+    assert "random erasing probability (default: 0.25)" in flat
     assert "quantizer preset, or none for float training (default: qvit_mixed)" in flat
     assert "(default: 0.485 0.456 0.406)" in flat
     assert "==SUPPRESS==" not in text

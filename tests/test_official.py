@@ -1,8 +1,8 @@
 """``qvit_official`` against the research code (github zhexinli/Q-ViT-DeiT).
 
 Independent re-statements of the research code, written here from its
-description (``reference/method.md`` sections 2-4): its per-tensor MSE
-initialisation loop (``quantize_by_mse`` / ``quantize_by_mse_with_offset``, a
+``quantization/lsq_layer.py``, ``_quan_base.py`` and ``quantvit_mixpre.py``:
+its per-tensor MSE initialisation loop (``quantize_by_mse`` / ``quantize_by_mse_with_offset``, a
 plain ``while`` loop on a flat tensor, float64 here), its weight reshapes
 (``weight.reshape(Cin, H, Cout // H)`` for W_q/W_k/W_v, ``weight.reshape(H,
 Cin // H, Cout)`` for W_proj, on the ``(out, in)`` weight) and its BitOPs

@@ -1,10 +1,11 @@
 """`qvit train DATA` defaults to the research code's (DeiT's) training recipe.
 
 The recipe's values are written out here from the research code's scripts
-(``reference/method.md`` section 6: RandAugment rand-m9-mstd0.5-inc1, mixup 0.8,
-cutmix 1.0, switch 0.5, label smoothing 0.1, random erasing 0.25, repeated
-augmentation 3, lr = lr_base x total batch / 512 with 2e-4 for learned bits,
-5e-4 for uniform LSQ), and checked against the ``args.yaml`` of a real run.
+(its ``mixed_train.sh``, ``uniform_train.sh`` and ``main.py``): RandAugment
+rand-m9-mstd0.5-inc1, mixup 0.8, cutmix 1.0, switch 0.5, label smoothing 0.1,
+random erasing 0.25, repeated augmentation 3, lr = lr_base x total batch / 512
+with 2e-4 for learned bits, 5e-4 for uniform LSQ; they are checked against
+the ``args.yaml`` of a real run.
 """
 from __future__ import annotations
 
