@@ -23,7 +23,7 @@
 #   3. tests, first pass, CUDA_LAUNCH_BLOCKING=1 and -x (a kernel fault is reported
 #      at the launch that made it, and the first failure stops the pass):
 #      tests/test_cuda.py, test_ops.py, test_ops_errors.py (the device-mix test),
-#      test_binding.py, -k "cuda and not emul" (the host emulation needs no GPU, CI
+#      test_binding.py, -k "cuda and not emu" (the host emulation needs no GPU, CI
 #      runs it)
 #   4. compute-sanitizer, early: memcheck over every kernel path (rows / cols,
 #      vector / scalar, misaligned, three dtypes, shared table, offsets) with
@@ -136,7 +136,7 @@ if wants tests; then
     else
         CUDA_LAUNCH_BLOCKING=1 timeout "$T" "$PY" -m pytest -x -q -rfE -p no:cacheprovider \
             tests/test_cuda.py tests/test_ops.py tests/test_ops_errors.py tests/test_binding.py \
-            -k "cuda and not emul" --junitxml="$LOGDIR/junit.xml" > "$LOGDIR/pytest.log" 2>&1
+            -k "cuda and not emu" --junitxml="$LOGDIR/junit.xml" > "$LOGDIR/pytest.log" 2>&1
         PT_RC=$?
         tail -n 30 "$LOGDIR/pytest.log" | cut -c1-240
         [ "$PT_RC" -eq 124 ] && echo "pytest hit its ${T} s timeout"

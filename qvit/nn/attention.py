@@ -27,7 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from .config import QuantizerConfig
-from .quantizer import Quantizer, fused_fake_quant
+from .quantizer import Quantizer, fused_fake_quant, fused_ok
+from . import functional as QF
 from ._adopt import adopt, to_float
 from .linear import BitsFn, QLinear, group_bits
 
@@ -182,6 +183,37 @@ class _QAttentionBase(nn.Module):
         view = qkv.reshape(n_rows, 3 * self.num_heads_q, self.head_dim_q)
         return fused_fake_quant(view, qs, dim=1)
 
+    def _fused_args(self, qkv: Tensor, n_rows: int):
+        """Arguments of :func:`qvit.nn.functional.qattention`, or None when the
+        composite path must run (reference op, a quantizer not ready, tables
+        of different shapes, attention dropout)."""
+        qs = (self.q_quant, self.k_quant, self.v_quant)
+        p = self.attn_quant
+        if not fused_ok() or any(q is None or not q.ready() for q in qs):
+            return None
+        if p is not None and not (p.ready() or not p.enabled):
+            return None
+        q0 = qs[0]
+        if any(q.scale.shape != q0.scale.shape or q.groups != q0.groups
+               or (q.offset is None) != (q0.offset is None) or q.signed != q0.signed
+               or q.bits_range != q0.bits_range for q in qs):
+            return None
+        if self.training and getattr(self.attn_drop, "p", 0.0) > 0:
+            return None
+        H, d = self.num_heads_q, self.head_dim_q
+        b_, n = n_rows // qkv.shape[1], qkv.shape[1]
+        like = torch.empty_strided((n_rows, H, d), (0, 0, 0), dtype=qkv.dtype, device=qkv.device)
+        for q in qs:
+            q.last_numel = n_rows * H * d
+        args = [q.args_for(like) for q in qs]
+        pargs = None
+        if p is not None:
+            p.last_numel = b_ * H * n * n
+            if p.enabled:
+                pargs = p.args_for(torch.empty_strided((b_, H, n, n), (0, 0, 0, 0),
+                                                       dtype=qkv.dtype, device=qkv.device))
+        return args, pargs
+
     def _maybe(self, q: Optional[Quantizer], x: Tensor) -> Tensor:
         return q(x) if q is not None else x
 
@@ -232,6 +264,11 @@ class QAttention(_QAttentionBase):
         k_norm = getattr(self, "k_norm", None)
         plain = ((q_norm is None or isinstance(q_norm, nn.Identity))
                  and (k_norm is None or isinstance(k_norm, nn.Identity)))
+        fused = (self._fused_args(qkv, B * N) if plain and attn_mask is None and not is_causal
+                 else None)
+        if fused is not None:
+            x = QF.qattention(qkv, H, self.scale, None, None, *fused)
+            return self._out(x, B, N, gate)
         if plain:
             qkv = self._quant_qkv(qkv, B * N)
         q, k, v = qkv.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
@@ -245,7 +282,11 @@ class QAttention(_QAttentionBase):
         attn = attn.softmax(dim=-1)
         attn = self.attn_drop(attn)
         attn = self._maybe(self.attn_quant, attn)
-        x = attn @ v
+        return self._out(attn @ v, B, N, gate)
+
+    def _out(self, x: Tensor, B: int, N: int, gate: Optional[Tensor]) -> Tensor:
+        """``[B, H, N, d]`` attention output through norm, gate, proj and dropout."""
+        H, d = self.num_heads_q, self.head_dim_q
         x = x.transpose(1, 2).reshape(B, N, H * d)
         norm = getattr(self, "norm", None)
         if norm is not None:
@@ -272,7 +313,14 @@ class QWindowAttention(_QAttentionBase):
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         B_, N, _ = x.shape
         H, d = self.num_heads_q, self.head_dim_q
-        qkv = self._quant_qkv(self.qkv(x), B_ * N)
+        qkv = self.qkv(x)
+        fused = self._fused_args(qkv, B_ * N)
+        if fused is not None:
+            x = QF.qattention(qkv, H, self.scale, self._rel_pos_bias(), mask, *fused)
+            x = self.proj_drop(self.proj(x.transpose(1, 2).reshape(B_, N, H * d)))
+            self.attn_shape = (B_, H, N, d)
+            return x
+        qkv = self._quant_qkv(qkv, B_ * N)
         q, k, v = qkv.reshape(B_, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
         q = q * self.scale
         attn = q @ k.transpose(-2, -1)

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import QuantizerConfig
-from .quantizer import Quantizer
+from .quantizer import Quantizer, fused_ok
+from . import functional as QF
 from ._adopt import adopt, to_float
 
 __all__ = ["QLinear", "QConv2d", "FLOAT_BITS", "group_bits"]
@@ -34,6 +35,10 @@ def group_bits(bits_of: BitsFn, q: Optional[Quantizer], size: int, ref: Tensor) 
     if b is None:
         return torch.full((size,), FLOAT_BITS, dtype=torch.float32, device=ref.device)
     return b.repeat_interleave(size // b.numel())
+
+
+def _args(q: Optional[Quantizer], x: Tensor):
+    return None if q is None else q.kernel_args(x)
 
 
 def _groups_for(cfg: QuantizerConfig, channels: int) -> int:
@@ -101,6 +106,9 @@ class QLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         self.positions = x.numel() // self.in_features
+        if fused_ok():   # one autograd node that keeps only the float x
+            return QF.qlinear(x, self.weight, self.bias, _args(self.act_quant, x),
+                              _args(self.weight_quant, self.weight))
         if self.act_quant is not None:
             x = self.act_quant(x)
         w = self.weight
@@ -166,6 +174,12 @@ class QConv2d(nn.Conv2d):
         return to_float(self)
 
     def forward(self, x: Tensor) -> Tensor:
+        if fused_ok() and self.padding_mode == "zeros" and not isinstance(self.padding, str):
+            y = QF.qconv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                           self.groups, _args(self.act_quant, x),
+                           _args(self.weight_quant, self.weight))
+            self.positions = y.numel() // self.out_channels
+            return y
         if self.act_quant is not None:
             x = self.act_quant(x)
         w = self.weight

@@ -54,6 +54,12 @@ _BACKEND = None
 def fake_quant(x, scale, bits, offset=None, **kw):
     """:func:`qvit.ops.fake_quant`, or the pure-PyTorch reference (same contract)
     when the compiled extension is not importable (warned once)."""
+    if _BACKEND is None:
+        _resolve_backend()
+    return _BACKEND(x, scale, bits, offset, **kw)
+
+
+def _resolve_backend():
     global _BACKEND
     if _BACKEND is None:
         info = ops.backend_info() if hasattr(ops, "backend_info") else {"c_loaded": True}
@@ -65,7 +71,14 @@ def fake_quant(x, scale, bits, offset=None, **kw):
             warnings.warn("qvit._C is not available (%s); quantizers run on the pure-PyTorch "
                           "reference op" % info.get("c_import_error"), RuntimeWarning, stacklevel=3)
             _BACKEND = reference.fake_quant
-    return _BACKEND(x, scale, bits, offset, **kw)
+
+
+def fused_ok() -> bool:
+    """True when quantizers run on the compiled kernels (not the reference op),
+    so layers may use the fused functions of :mod:`qvit.nn.functional`."""
+    if _BACKEND is None:
+        _resolve_backend()
+    return _BACKEND is ops.fake_quant
 
 
 def ste_bits(bits: Tensor, bits_range: Tuple[int, int]) -> Tensor:
@@ -425,6 +438,37 @@ class Quantizer(nn.Module):
         if not self.prepare(x):
             return x
         return self.quantize(x)
+
+    def kernel_args(self, x: Tensor) -> Optional[tuple]:
+        """``(scale, bits, offset, (dim, signed, min, max, lsq))`` for the fused
+        quantize-then-matmul functions of :mod:`qvit.nn.functional`, or ``None``
+        when ``x`` passes unquantized (disabled, observing). Runs :meth:`prepare`.
+        """
+        if not self.prepare(x):
+            return None
+        return self.args_for(x)
+
+    def ready(self) -> bool:
+        """Quantizing, initialised and not observing: :meth:`args_for` may be used
+        without :meth:`prepare` (the input need not exist yet)."""
+        return self.enabled and self._is_init and not self._observing
+
+    def args_for(self, like: Tensor) -> tuple:
+        """The tables and kernel arguments for inputs shaped like ``like`` (whose
+        data is not read). The full argument check of :func:`qvit.ops.fake_quant`
+        runs once per shape, dtype and device (the tables' shapes never change)."""
+        if torch.compiler.is_compiling():   # traced once per graph: no cache to keep
+            return self.scale, self.bits, self.offset, self._check(like)
+        key = (like.shape, like.dtype, like.device)
+        cached = self.__dict__.get("_kcfg")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_kcfg"] = (key, self._check(like))
+        return self.scale, self.bits, self.offset, cached[1]
+
+    def _check(self, x: Tensor) -> tuple:
+        bmin, bmax, lsq = ops.torch_ops._validate(x, self.scale, self.bits, self.offset,
+                                                  self.signed, self.dim, self.bits_range, None)
+        return int(self.dim), self.signed, bmin, bmax, lsq
 
     def extra_repr(self) -> str:
         b = self.rounded_bits().to(torch.int64).tolist()

@@ -279,28 +279,36 @@ def _direct(*tensors) -> bool:
     return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
+def fq_forward(x, scale, bits, offset, dim, signed, bits_min, bits_max):
+    """The forward kernel on validated arguments: the Python impl directly in
+    plain eager mode, the ``qvit::fq_forward`` op otherwise (no autograd)."""
+    if _direct(x, scale, bits, offset):
+        return _fq_forward_impl(x, scale, bits, offset, dim, signed, bits_min, bits_max)
+    return _fq_forward_op(x, scale, bits, offset, dim, signed, bits_min, bits_max)
+
+
+def fq_backward(grad_y, x, scale, bits, offset, dim, signed, bits_min, bits_max, lsq):
+    """The backward kernel on validated arguments (see :func:`fq_forward`):
+    ``(grad_x, grad_scale, grad_bits, grad_offset)``, the last empty without offset."""
+    if _direct(grad_y, x, scale, bits, offset):
+        return _fq_backward_impl(grad_y, x, scale, bits, offset, dim, signed,
+                                 bits_min, bits_max, lsq)
+    return _fq_backward_op(grad_y, x, scale, bits, offset, dim, signed, bits_min, bits_max, lsq)
+
+
 class _FakeQuantFunction(torch.autograd.Function):
     """Saves x and the parameters (no masks); the backward recomputes from x."""
 
     @staticmethod
     def forward(ctx, x, scale, bits, offset, dim, signed, bits_min, bits_max, lsq_grad_scale):
         ctx.save_for_backward(x, scale, bits, offset)
-        ctx.dim = dim
-        ctx.signed = signed
-        ctx.bits_min = bits_min
-        ctx.bits_max = bits_max
-        ctx.lsq_grad_scale = lsq_grad_scale
-        fwd = _fq_forward_impl if _direct(x, scale, bits, offset) else _fq_forward_op
-        return fwd(x, scale, bits, offset, dim, signed, bits_min, bits_max)
+        ctx.args = (dim, signed, bits_min, bits_max, lsq_grad_scale)
+        return fq_forward(x, scale, bits, offset, dim, signed, bits_min, bits_max)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, scale, bits, offset = ctx.saved_tensors
-        bwd = _fq_backward_impl if _direct(grad_y, x, scale, bits, offset) else _fq_backward_op
-        gx, gs, gb, go = bwd(
-            grad_y, x, scale, bits, offset, ctx.dim, ctx.signed,
-            ctx.bits_min, ctx.bits_max, ctx.lsq_grad_scale,
-        )
+        gx, gs, gb, go = fq_backward(grad_y, x, scale, bits, offset, *ctx.args)
         need = ctx.needs_input_grad
         return (
             gx if need[0] else None,

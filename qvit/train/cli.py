@@ -154,22 +154,24 @@ def _is_export(path: str) -> bool:
 
 
 def _load_model(path: str):
-    """The model of a qvit checkpoint (.pth) or export (.safetensors); it carries its
-    recipe (see :func:`qvit.models.recipe.describe`) and evaluation transform."""
+    """``(model, recipe)`` of a qvit checkpoint (.pth) or export (.safetensors).
+
+    The model carries its recipe and evaluation transform; ``recipe`` is
+    ``{"model_info": ..., "quant": ...}`` (``quant`` None for a float model).
+    """
+    from ..models.recipe import describe
+
     if _is_export(path):
         from ..models.export import load_exported
 
-        return load_exported(path)
-    from ..models import checkpoint as ckpt_io
-    from ..models.recipe import model_from_checkpoint
+        model = load_exported(path)
+    else:
+        from ..models import checkpoint as ckpt_io
+        from ..models.recipe import model_from_checkpoint
 
-    return model_from_checkpoint(ckpt_io.load(path), path)
-
-
-def _quantized(model) -> bool:
-    from ..models.recipe import describe
-
-    return describe(model)[1] is not None
+        model = model_from_checkpoint(ckpt_io.load(path), path)
+    info, quant = describe(model)
+    return model, {"model_info": info, "quant": quant}
 
 
 def cmd_eval(args) -> int:
@@ -180,7 +182,7 @@ def cmd_eval(args) -> int:
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     split = eval_folder(args.data)
-    model = _load_model(args.checkpoint)
+    model, _ = _load_model(args.checkpoint)
     device = resolve_device(args.device)
     model.to(device)
     a = model.__dict__.get("qvit_data") or {}
@@ -214,8 +216,8 @@ def cmd_report(args) -> int:
             require_matplotlib()
         except ImportError as e:
             raise CLIError(f"--plot: {e}") from None
-    model = _load_model(args.checkpoint)
-    if not _quantized(model):
+    model, recipe = _load_model(args.checkpoint)
+    if recipe["quant"] is None:
         raise CLIError(f"{args.checkpoint} is a float checkpoint: nothing to report")
     c, h, w = input_size(model)
     with torch.no_grad():  # BitOPs come from the latest forward
@@ -234,8 +236,8 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     from ..models.export import export
 
-    model = _load_model(args.checkpoint)
-    if not _quantized(model):
+    model, recipe = _load_model(args.checkpoint)
+    if recipe["quant"] is None:
         raise CLIError(f"{args.checkpoint} is a float checkpoint: export needs a quantized one")
     n = export(model, args.out)
     print(f"wrote {args.out} ({n} tensors)")

@@ -89,6 +89,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         raise UsageError("no data folder: give data_dir (the CLI runs the demo without one)")
     if cfg.output is None:
         cfg = cfg.replace(output=run_dir.default_output(cfg))
+    # every rank, before any of them writes: a refusal must not leave peers waiting
+    run_dir.check_free(cfg.output, cfg)
     want_device = resolve_device(cfg.device)
     dinfo = dist_util.init(str(want_device))
     try:
@@ -121,8 +123,6 @@ def _train(cfg: TrainConfig, dinfo) -> Dict[str, Any]:
     log = _Log(is_main and not cfg.quiet)
     progress = is_main and not cfg.no_progress
     out_dir = cfg.output
-    if is_main:
-        run_dir.check_free(out_dir, cfg)
     seed_everything(cfg.seed + dinfo.rank)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
