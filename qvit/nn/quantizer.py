@@ -457,17 +457,19 @@ class Quantizer(nn.Module):
         """The tables and kernel arguments for inputs shaped like ``like`` (whose
         data is not read). The full argument check of :func:`qvit.ops.fake_quant`
         runs once per shape, dtype and device (the tables' shapes never change)."""
+        scale, offset = self._expand(self.scale), self._expand(self.offset)
         if torch.compiler.is_compiling():   # traced once per graph: no cache to keep
-            return self.scale, self.bits, self.offset, self._check(like)
+            return scale, self.bits, offset, self._check(like)
         key = (like.shape, like.dtype, like.device)
         cached = self.__dict__.get("_kcfg")
         if cached is None or cached[0] != key:
             cached = self.__dict__["_kcfg"] = (key, self._check(like))
-        return self.scale, self.bits, self.offset, cached[1]
+        return scale, self.bits, offset, cached[1]
 
     def _check(self, x: Tensor) -> tuple:
-        bmin, bmax, lsq = ops.torch_ops._validate(x, self.scale, self.bits, self.offset,
-                                                  self.signed, self.dim, self.bits_range, None)
+        bmin, bmax, lsq = ops.torch_ops._validate(x, self._expand(self.scale), self.bits,
+                                                  self._expand(self.offset), self.signed,
+                                                  self.dim, self.bits_range, None)
         return int(self.dim), self.signed, bmin, bmax, lsq
 
     def extra_repr(self) -> str:
