@@ -7,8 +7,8 @@ the conversion works across timm 1.0.x releases:
   ``head_dim``, no relative position bias -> :class:`~qvit.nn.QAttention`;
 * Swin window attention: the same plus ``relative_position_bias_table`` and
   ``window_area`` -> :class:`~qvit.nn.QWindowAttention`;
-* MLP: ``fc1``, ``act``, ``fc2`` linears -> both linears quantized in place, the
-  fc2 input (GELU output) with the unsigned + offset ``gelu`` config;
+* MLP: ``fc1``, ``act``, ``fc2`` linears -> :class:`~qvit.nn.QMlp` (the fc2
+  input, the GELU output, with the unsigned + offset ``gelu`` config);
 * the patch-embed conv and the classifier(s) (``get_classifier()``, both heads of
   a distilled DeiT) -> first/last layers at ``first_last_bits``;
 * every other ``nn.Linear`` / ``nn.Conv2d`` (e.g. Swin patch merging) -> weights
@@ -31,8 +31,8 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..nn import QAttention, QConv2d, QLinear, QWindowAttention
-from ..nn.config import QuantizerConfig, QViTConfig
+from ..nn import QAttention, QConv2d, QLinear, QMlp, QWindowAttention
+from ..nn.config import QViTConfig
 from ..nn.quantizer import Quantizer
 
 __all__ = ["quantize_model", "dequantize_model", "calibrate", "quantizers",
@@ -43,7 +43,7 @@ __all__ = ["quantize_model", "dequantize_model", "calibrate", "quantizers",
 class UnrecognisedModelWarning(UserWarning):
     """quantize_model met attention it does not know: only its linear layers are quantized."""
 
-_QUANTIZED = (QLinear, QConv2d, QAttention, QWindowAttention)
+_QUANTIZED = (QLinear, QConv2d, QAttention, QWindowAttention, QMlp)
 
 
 def _is_linear(m) -> bool:
@@ -135,16 +135,12 @@ def _check_loaded_bits(module, state_dict, prefix, *args) -> None:
             "model converted with another preset?", UserWarning, stacklevel=4)
 
 
-def _plain(cfg: Optional[QuantizerConfig]) -> Optional[QuantizerConfig]:
-    """Outside attention there are no heads: 'head' granularity means per-tensor."""
-    if cfg is not None and cfg.granularity == "head":
-        return cfg.replace(granularity="tensor")
-    return cfg
-
-
-def _first_last(cfg: QuantizerConfig, bits: Optional[int]) -> QuantizerConfig:
-    cfg = _plain(cfg)
-    return cfg if bits is None else cfg.replace(bits=float(bits))
+def _track_batch(model: nn.Module) -> None:
+    """Record the batch size of each forward (BitOPs are per image) and check the
+    quantizers' dtype there (see :func:`_record_batch`)."""
+    model.__dict__.setdefault("_qvit_probe", next((q for _, q in quantizers(model)), None))
+    if not any(h is _record_batch for h in model._forward_pre_hooks.values()):
+        model.register_forward_pre_hook(_record_batch, with_kwargs=True)
 
 
 def _classifier_ids(model: nn.Module) -> set:
@@ -209,18 +205,12 @@ def quantize_model(model: nn.Module, config: QViTConfig, strict: bool = False) -
         raise ValueError("model is already quantized; call dequantize_model first")
     heads = _classifier_ids(model)
     first = _patch_embed_ids(model)
-    flb = config.first_last_bits
 
     def skipped(name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in config.skip)
 
-    def linear(mod: nn.Linear, name: str, acfg: Optional[QuantizerConfig]) -> nn.Module:
-        if skipped(name):
-            return mod
-        if id(mod) in heads:
-            return QLinear.from_linear(mod, _first_last(config.weight, flb),
-                                       _first_last(config.act, flb), first_last=True)
-        return QLinear.from_linear(mod, _plain(config.weight), _plain(acfg))
+    def kept(name: str, subs) -> list:
+        return [s for s in subs if skipped(f"{name}.{s}")]
 
     def convert(parent: nn.Module, prefix: str) -> None:
         for cname, child in list(parent.named_children()):
@@ -229,24 +219,21 @@ def quantize_model(model: nn.Module, config: QViTConfig, strict: bool = False) -
                 continue
             if _is_vit_attention(child) or _is_window_attention(child):
                 cls = QWindowAttention if _is_window_attention(child) else QAttention
-                new = cls.from_attention(
-                    child, weight=config.weight, act=config.act, attn_cfg=config.attn,
-                    probs=config.attn_probs, head_wise=config.head_wise,
-                    weight_grouping=config.weight_grouping,
-                    quantize_qkv=not skipped(f"{name}.qkv"),
-                    quantize_proj=not skipped(f"{name}.proj"))
+                new = cls.from_float(child, config, keep_float=kept(name, ("qkv", "proj", "gate")))
                 setattr(parent, cname, new)
                 for sub, m in list(new.named_children()):
                     if sub not in ("qkv", "proj") and not isinstance(m, Quantizer):
                         convert_one(new, sub, m, f"{name}.")
             elif _is_mlp(child):
-                norm = getattr(child, "norm", None)
-                gelu_in = norm is None or isinstance(norm, nn.Identity)
-                child.fc1 = linear(child.fc1, f"{name}.fc1", config.act)
-                child.fc2 = linear(child.fc2, f"{name}.fc2", config.gelu if gelu_in else config.act)
-                for sub, m in list(child.named_children()):
+                keep = kept(name, ("fc1", "fc2"))
+                if len(keep) == 2:  # nothing to quantize: timm's module stays
+                    convert(child, f"{name}.")
+                    continue
+                new = QMlp.from_float(child, config, keep_float=keep)
+                setattr(parent, cname, new)
+                for sub, m in list(new.named_children()):
                     if sub not in ("fc1", "fc2"):
-                        convert_one(child, sub, m, f"{name}.")
+                        convert_one(new, sub, m, f"{name}.")
             else:
                 convert_one(parent, cname, child, prefix)
 
@@ -255,12 +242,9 @@ def quantize_model(model: nn.Module, config: QViTConfig, strict: bool = False) -
         if child is None or skipped(name) or isinstance(child, (_QUANTIZED, Quantizer)):
             return
         if _is_linear(child):
-            setattr(parent, cname, linear(child, name, config.act))
+            setattr(parent, cname, QLinear.from_float(child, config, first_last=id(child) in heads))
         elif isinstance(child, nn.Conv2d) and not isinstance(child, QConv2d):
-            is_first = id(child) in first
-            w = _first_last(config.weight, flb) if is_first else _plain(config.weight)
-            a = _first_last(config.act, flb) if is_first else _plain(config.act)
-            setattr(parent, cname, QConv2d.from_conv(child, w, a, first_last=is_first))
+            setattr(parent, cname, QConv2d.from_float(child, config, first_last=id(child) in first))
         elif _is_vit_attention(child) or _is_window_attention(child) or _is_mlp(child):
             holder = nn.Module()
             holder.add_module(cname, child)
@@ -273,7 +257,7 @@ def quantize_model(model: nn.Module, config: QViTConfig, strict: bool = False) -
     summary = conversion_summary(model, skipped_by=config.skip)
     _warn_unrecognised(model, summary, strict)
     if not any(h is _record_batch for h in model._forward_pre_hooks.values()):
-        model.register_forward_pre_hook(_record_batch, with_kwargs=True)
+        _track_batch(model)
         model.__dict__["_qvit_load_hook"] = model.register_load_state_dict_pre_hook(
             _check_loaded_bits)
     model.__dict__["qvit_config"] = config
@@ -427,7 +411,9 @@ def calibrate(model: nn.Module, batches: Iterable,
     pooled samples. The model's train/eval mode is restored.
 
     Args:
-        model: a model returned by :func:`quantize_model`.
+        model: a model returned by :func:`quantize_model` or built from
+            :mod:`qvit.nn` layers (from here on its batch size is recorded for
+            :func:`~qvit.bitops`).
         batches: an iterable of input tensors or ``(input, target)`` pairs (a
             ``DataLoader`` works); one batch of 64 images is the paper's choice.
         max_batches: stop after this many batches (default 4), so that a
@@ -447,6 +433,7 @@ def calibrate(model: nn.Module, batches: Iterable,
     qs = [q for _, q in quantizers(model)]
     if not qs:
         raise ValueError("calibrate: model has no quantizers; call quantize_model first")
+    _track_batch(model)  # a model built from qvit.nn layers was never converted
     for m in model.modules():
         if hasattr(m, "init_weight_quantizers"):
             m.init_weight_quantizers()

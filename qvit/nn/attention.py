@@ -18,6 +18,10 @@ quantizers' bit and scale tables concatenated.
 
 The explicit attention path is always taken (never SDPA), since the softmax
 output must be quantized.
+
+Both classes are built from the constructor arguments of the timm layer they
+replace plus ``qconfig=`` (``QAttention(dim, num_heads=6, qkv_bias=True,
+qconfig=cfg)``; see :mod:`._dropin`), or from a timm module with ``from_float``.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from .config import QuantizerConfig
 from .quantizer import Quantizer, fused_fake_quant, fused_ok
 from . import functional as QF
 from ._adopt import adopt, to_float
+from ._dropin import DropIn, resolve_qconfig, timm_class
 from .linear import BitsFn, QLinear, group_bits
 
 __all__ = ["QAttention", "QWindowAttention", "QKVColumnGroups"]
@@ -84,8 +89,55 @@ class QKVColumnGroups(QLinear):
         return self._col_bits(bits_of).sum() * (self.out_features // 3)
 
 
-class _QAttentionBase(nn.Module):
+class _QAttentionBase(DropIn, nn.Module):
     """Shared construction and accounting; subclasses write ``forward``."""
+
+    _OPTIONS = ("keep_float",)
+    _TIMM = ""  # "module:Class" of the timm layer replaced
+    _WINDOW = False  # Swin window attention (relative position bias)
+
+    @classmethod
+    def _float_cls(cls) -> type:
+        return timm_class(cls._TIMM)
+
+    @classmethod
+    def from_float(cls, attn: nn.Module, qconfig=None, *, keep_float=()) -> "_QAttentionBase":
+        """``attn`` (same Parameters and buffers) with the attention quantizers of ``qconfig``.
+
+        Args:
+            attn: a timm attention module (``qkv`` and ``proj`` linears, ``num_heads``).
+            qconfig: a :class:`~qvit.nn.config.QViTConfig` or preset name (``None``:
+                the current :func:`~qvit.nn.default_qconfig`): ``weight`` / ``act``
+                for the qkv, proj (and gate) linears, ``attn`` for q, k, v and the
+                proj input, ``attn_probs`` for the softmax output, ``head_wise``.
+            keep_float: names among ``"qkv"``, ``"proj"``, ``"gate"`` left in float.
+
+        Raises:
+            TypeError: ``attn`` is not a timm attention module, or ``qconfig`` is
+                not a model-wide config (this layer has five quantizer sites).
+        """
+        heads = getattr(attn, "num_heads", None)
+        if not (isinstance(getattr(attn, "qkv", None), nn.Linear)
+                and isinstance(getattr(attn, "proj", None), nn.Linear)
+                and isinstance(heads, int) and not isinstance(attn, _QAttentionBase)
+                and hasattr(attn, "relative_position_bias_table") == cls._WINDOW):
+            kind = "window attention module (relative position bias)" if cls._WINDOW else \
+                "attention module without relative position bias"
+            raise TypeError(f"{cls.__name__}.from_float needs a float timm {kind}, qkv and proj "
+                            f"linears and num_heads; got {type(attn).__name__}")
+        name = f"{cls.__name__}(dim={attn.qkv.in_features}, num_heads={heads})"
+        cfg = resolve_qconfig(qconfig, name)
+        keep = set(keep_float)
+        if not keep <= {"qkv", "proj", "gate"}:
+            raise ValueError(f"{name}: keep_float={sorted(keep)}; expected names among qkv, proj, gate")
+        new = cls.from_attention(attn, weight=cfg.weight, act=cfg.act, attn_cfg=cfg.attn,
+                                 probs=cfg.attn_probs, head_wise=cfg.head_wise,
+                                 weight_grouping=cfg.weight_grouping,
+                                 quantize_qkv="qkv" not in keep, quantize_proj="proj" not in keep)
+        gate = getattr(new, "gate", None)
+        if isinstance(gate, nn.Linear) and not isinstance(gate, QLinear) and "gate" not in keep:
+            new.gate = QLinear.from_float(gate, cfg)
+        return new
 
     q_quant: Quantizer
     k_quant: Quantizer
@@ -251,7 +303,16 @@ def _add_mask(attn: Tensor, attn_mask: Optional[Tensor], is_causal: bool) -> Ten
 
 
 class QAttention(_QAttentionBase):
-    """Quantized timm ``Attention`` (ViT / DeiT). ``x: (B, N, C)``."""
+    """Quantized timm ``Attention`` (ViT / DeiT). ``x: (B, N, C)``.
+
+    Takes ``timm.layers.Attention``'s arguments (``dim, num_heads, qkv_bias,
+    qk_norm, proj_drop, norm_layer, ...``, whatever the installed timm accepts)
+    plus ``qconfig=``; timm's ``attn_layer`` slot needs a class, so pass
+    ``QAttention`` (config from :func:`~qvit.nn.default_qconfig`) or
+    ``QAttention.with_qconfig(cfg)``.
+    """
+
+    _TIMM = "timm.layers:Attention"
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
                 is_causal: bool = False) -> Tensor:
@@ -303,7 +364,14 @@ class QWindowAttention(_QAttentionBase):
     """Quantized Swin ``WindowAttention``; relative position bias and shift mask kept exactly.
 
     ``x: (num_windows*B, N, C)``, ``mask: (num_windows, N, N)`` or None.
+    Takes the arguments of timm's Swin ``WindowAttention`` (``dim, num_heads,
+    head_dim, window_size, qkv_bias, attn_drop, proj_drop``) plus ``qconfig=``.
+    (timm's Swin block builds its ``WindowAttention`` itself: no slot takes a
+    class; convert a Swin model with :func:`~qvit.quantize_model`.)
     """
+
+    _TIMM = "timm.models.swin_transformer:WindowAttention"
+    _WINDOW = True
 
     def _rel_pos_bias(self) -> Tensor:
         n = self.window_area

@@ -41,12 +41,35 @@ def _fq(x: Tensor, s, b, o, cfg) -> Tensor:
 
 
 def _fq_grads(g: Tensor, x: Tensor, s, b, o, cfg, need: Sequence[bool]):
-    """(grad_x, grad_scale, grad_bits, grad_offset) of one quantizer, given dL/dfq(x)."""
+    """(grad_x, grad_scale, grad_bits, grad_offset) of one quantizer, given dL/dfq(x).
+
+    ``g`` may come from a matmul run in autocast's lower precision; it is cast
+    back to ``x``'s dtype here, as the cast node of the unfused graph would do.
+    """
+    g = g.to(x.dtype)
     if cfg is None:
         return g, None, None, None
     gx, gs, gb, go = fq_backward(g, x, s, b, o, *cfg)
     return (gx if need[0] else None, gs if need[1] else None, gb if need[2] else None,
             go if (o is not None and need[3]) else None)
+
+
+def _amp_state(t: Tensor):
+    """The autocast state of ``t``'s device, recorded in the forward."""
+    dev = t.device.type
+    return dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
+
+
+def _amp(state):
+    """Re-enter the forward's autocast state in the backward (as ``custom_bwd`` does), so
+    the recomputed quantized operands and the matmul gradients run in the same dtypes
+    as in the forward."""
+    dev, enabled, dtype = state
+    return torch.autocast(dev, dtype=dtype, enabled=enabled)
+
+
+def _to(g: Optional[Tensor], dtype) -> Optional[Tensor]:
+    return g if g is None or dtype is None else g.to(dtype)
 
 
 def _unpack(q: QArgs):
@@ -59,6 +82,8 @@ class _QLinear(torch.autograd.Function):
         ctx.save_for_backward(x, w, xs, xb, xo, ws, wb, wo)
         ctx.cfg = (xcfg, wcfg)
         ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.amp = _amp_state(x)
         return F.linear(_fq(x, xs, xb, xo, xcfg), _fq(w, ws, wb, wo, wcfg), bias)
 
     @staticmethod
@@ -71,17 +96,18 @@ class _QLinear(torch.autograd.Function):
         gy2 = gy.reshape(-1, gy.shape[-1])
         gx = gw = gbias = None
         xgrads = wgrads = (None, None, None, None)
-        if need_x:
-            gxq = gy.matmul(_fq(w, ws, wb, wo, wcfg))
-            xgrads = _fq_grads(gxq, x, xs, xb, xo, xcfg, (need[0], need[3], need[4], need[5]))
-            gx = xgrads[0]
-        if need_w:
-            xq = _fq(x, xs, xb, xo, xcfg)
-            gwq = gy2.t().mm(xq.reshape(-1, xq.shape[-1]))
-            wgrads = _fq_grads(gwq, w, ws, wb, wo, wcfg, (need[1], need[7], need[8], need[9]))
-            gw = wgrads[0]
+        with _amp(ctx.amp):
+            if need_x:
+                gxq = gy.matmul(_fq(w, ws, wb, wo, wcfg))
+                xgrads = _fq_grads(gxq, x, xs, xb, xo, xcfg, (need[0], need[3], need[4], need[5]))
+                gx = xgrads[0]
+            if need_w:
+                xq = _fq(x, xs, xb, xo, xcfg)
+                gwq = gy2.t().mm(xq.reshape(-1, xq.shape[-1]))
+                wgrads = _fq_grads(gwq, w, ws, wb, wo, wcfg, (need[1], need[7], need[8], need[9]))
+                gw = wgrads[0]
         if ctx.has_bias and need[2]:
-            gbias = gy2.sum(0)
+            gbias = _to(gy2.sum(0), ctx.bias_dtype)
         return (gx, gw, gbias, *xgrads[1:], None, *wgrads[1:], None)
 
 
@@ -99,6 +125,8 @@ class _QConv2d(torch.autograd.Function):
         ctx.cfg = (xcfg, wcfg)
         ctx.conv = conv
         ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.amp = _amp_state(x)
         stride, padding, dilation, groups = conv
         return F.conv2d(_fq(x, xs, xb, xo, xcfg), _fq(w, ws, wb, wo, wcfg), bias,
                         stride, padding, dilation, groups)
@@ -112,10 +140,15 @@ class _QConv2d(torch.autograd.Function):
         need_x = any(need[i] for i in (0, 4, 5, 6))
         need_w = any(need[i] for i in (1, 8, 9, 10))
         bias_sizes = [w.shape[0]] if ctx.has_bias else None
+        with _amp(ctx.amp):
+            xq, wq = _fq(x, xs, xb, xo, xcfg), _fq(w, ws, wb, wo, wcfg)
+        # aten.convolution_backward has no autocast rule: run it in gy's dtype, as the
+        # forward's autocast-cast conv did
         gxq, gwq, gbias = torch.ops.aten.convolution_backward(
-            gy, _fq(x, xs, xb, xo, xcfg), _fq(w, ws, wb, wo, wcfg), bias_sizes,
+            gy, xq.to(gy.dtype), wq.to(gy.dtype), bias_sizes,
             list(stride), list(padding), list(dilation), False, [0, 0], groups,
             [need_x, need_w, bool(ctx.has_bias and need[2])])
+        gbias = _to(gbias, ctx.bias_dtype)
         xgrads = wgrads = (None, None, None, None)
         if need_x:
             xgrads = _fq_grads(gxq, x, xs, xb, xo, xcfg, (need[0], need[4], need[5], need[6]))
@@ -160,6 +193,8 @@ class _QAttention(torch.autograd.Function):
         ctx.save_for_backward(qkv, p, s_cat, b_cat, o_cat, ps, pb, po)
         ctx.meta = meta
         ctx.shapes = (None if bias is None else bias.shape, qs.shape[0], qb.shape[0])
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.amp = _amp_state(qkv)
         return out
 
     @staticmethod
@@ -170,18 +205,19 @@ class _QAttention(torch.autograd.Function):
         need = ctx.needs_input_grad
         b_, n, _ = qkv.shape
         flat = qkv.view(b_ * n, 3 * heads, d)
-        q, k, v = _heads(fq_forward(flat, s_cat, b_cat, o_cat, *qcfg[:4]), b_, n, heads, d)
-        a = _fq(p, ps, pb, po, pcfg)
-        g_a = g_out.matmul(v.transpose(-2, -1))
-        g_v = a.transpose(-2, -1).matmul(g_out)
-        del a
-        pgrads = _fq_grads(g_a, p, ps, pb, po, pcfg, (True,) + tuple(need[12:15]))
-        g_logits = torch._softmax_backward_data(pgrads[0], p, -1, p.dtype)
-        g_bias = g_logits.sum_to_size(bias_shape) if need[1] else None
-        g_q = g_logits.matmul(k).mul_(scale)
-        g_k = g_logits.transpose(-2, -1).matmul(q * scale)
-        del g_logits
-        g_qkv = torch.stack([t.transpose(1, 2) for t in (g_q, g_k, g_v)], dim=2)
+        with _amp(ctx.amp):
+            q, k, v = _heads(fq_forward(flat, s_cat, b_cat, o_cat, *qcfg[:4]), b_, n, heads, d)
+            a = _fq(p, ps, pb, po, pcfg)
+            g_a = g_out.matmul(v.transpose(-2, -1))
+            g_v = a.transpose(-2, -1).matmul(g_out)
+            del a
+            pgrads = _fq_grads(g_a, p, ps, pb, po, pcfg, (True,) + tuple(need[12:15]))
+            g_logits = torch._softmax_backward_data(pgrads[0], p, -1, p.dtype)
+            g_bias = _to(g_logits.sum_to_size(bias_shape), ctx.bias_dtype) if need[1] else None
+            g_q = g_logits.matmul(k).mul_(scale)
+            g_k = g_logits.transpose(-2, -1).matmul(q * scale)
+            del g_logits
+            g_qkv = torch.stack([t.transpose(1, 2).to(qkv.dtype) for t in (g_q, g_k, g_v)], dim=2)
         gx, gs, gb, go = fq_backward(g_qkv.view(b_ * n, 3 * heads, d), flat, s_cat, b_cat,
                                      o_cat, *qcfg)
         (sq, sk, sv), (bq, bk, bv), (oq, ok, ov) = _split_tables(

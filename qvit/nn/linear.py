@@ -22,6 +22,7 @@ from .config import QuantizerConfig
 from .quantizer import Quantizer, fused_ok
 from . import functional as QF
 from ._adopt import adopt, to_float
+from ._dropin import DropIn, layer_sites
 
 __all__ = ["QLinear", "QConv2d", "FLOAT_BITS", "group_bits"]
 
@@ -45,17 +46,18 @@ def _groups_for(cfg: QuantizerConfig, channels: int) -> int:
     return channels if cfg.granularity == "channel" else 1
 
 
-class QLinear(nn.Linear):
+class QLinear(DropIn, nn.Linear):
     """``nn.Linear`` with a weight quantizer and an input quantizer.
 
-    Weight groups split rows (``weight_dim=0``, e.g. per output channel or per
+    Built like ``nn.Linear`` plus ``qconfig=`` (see :meth:`from_float`) and
+    ``first_last=`` (a classifier: ``first_last_bits``), or from a float layer
+    with :meth:`from_float` / :meth:`from_linear`. Weight groups split rows (``weight_dim=0``, e.g. per output channel or per
     head of W_q/W_k/W_v) or columns (``weight_dim=1``, per head of W_proj); input
     groups split the last dimension. Shapes: ``x (..., in_features)``.
 
     Example::
 
-        >>> lin = QLinear.from_linear(nn.Linear(8, 4), QuantizerConfig(bits=4),
-        ...                           QuantizerConfig(bits=4))
+        >>> lin = QLinear(8, 4, qconfig=QuantizerConfig(bits=4))  # 4-bit weight and input
         >>> lin(torch.randn(2, 8)).shape
         torch.Size([2, 4])
     """
@@ -142,9 +144,39 @@ class QLinear(nn.Linear):
         s = super().extra_repr()
         return s + (", first_last" if self.first_last else "")
 
+    _OPTIONS = ("first_last",)
 
-class QConv2d(nn.Conv2d):
+    @classmethod
+    def _float_cls(cls) -> type:
+        return nn.Linear
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, qconfig=None, *, first_last: bool = False) -> "QLinear":
+        """``linear`` (same Parameters) with the quantizers ``qconfig`` gives a linear layer.
+
+        Args:
+            qconfig: a :class:`~qvit.nn.config.QViTConfig` or preset name (its
+                ``weight`` and ``act`` sites; ``None``: the current
+                :func:`~qvit.nn.default_qconfig`), one ``QuantizerConfig`` for
+                weight and input, or a ``(weight, input)`` pair (``None`` = float).
+            first_last: a classifier / first layer: a QViTConfig's
+                ``first_last_bits`` initial bits, and counted as such in budgets.
+
+        Raises:
+            TypeError: ``linear`` is not an ``nn.Linear`` or ``qconfig`` has a wrong type.
+            ValueError: a config that does not fit this layer (e.g. per-head groups).
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        w, a = layer_sites(qconfig, f"{cls.__name__}({linear.extra_repr()})", first_last)
+        return cls.from_linear(linear, w, a, first_last=first_last)
+
+
+class QConv2d(DropIn, nn.Conv2d):
     """``nn.Conv2d`` (the patch embedding) with weight and input quantizers.
+
+    Built like ``nn.Conv2d`` plus ``qconfig=`` and ``first_last=`` (see
+    :meth:`QLinear.from_float`), or with :meth:`from_float` / :meth:`from_conv`.
 
     Weight groups split output channels; input groups split input channels (dim 1).
     Shapes: ``x (B, C_in, H, W)``.
@@ -207,3 +239,17 @@ class QConv2d(nn.Conv2d):
     def extra_repr(self) -> str:
         s = super().extra_repr()
         return s + (", first_last" if self.first_last else "")
+
+    _OPTIONS = ("first_last",)
+
+    @classmethod
+    def _float_cls(cls) -> type:
+        return nn.Conv2d
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, qconfig=None, *, first_last: bool = False) -> "QConv2d":
+        """``conv`` (same Parameters) with the quantizers of ``qconfig``, as :meth:`QLinear.from_float`."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        w, a = layer_sites(qconfig, f"{cls.__name__}({conv.extra_repr()})", first_last)
+        return cls.from_conv(conv, w, a, first_last=first_last)
