@@ -345,6 +345,8 @@ def test_13_help_has_a_line_and_default_for_every_flag():
         assert f.metadata["help"].strip(), flag
     flat = " ".join(text.split())
     assert "weight decay (not on norms, biases, tokens, scales, bits) (default: 0.05)" in flat
+    assert "learning rate (default: --lr-base x total batch / 512)" in flat
+    assert "random erasing probability (default: 0.25)" in flat
     assert "quantizer preset, or none for float training (default: qvit_mixed)" in flat
     assert "(default: 0.485 0.456 0.406)" in flat
     assert "==SUPPRESS==" not in text

@@ -273,8 +273,14 @@ def verdicts(rows: List[dict]) -> List[str]:
         budget = [r["budget_gbitops"] for r in rows
                   if r["method"] == mixed and r.get("budget_gbitops")]
         at = f" at {budget[0]:.4f} GBitOPs" if budget else ""
-        lines.append(f"- {mixed} vs {uniform}{at}: {m:+.2f} ± {sd:.2f} points "
-                     f"over {len(seeds)} seed(s): **{v}**")
+        line = (f"- {mixed} vs {uniform}{at}: {m:+.2f} ± {sd:.2f} points "
+                f"over {len(seeds)} seed(s): **{v}**")
+        over = [r["gbitops"] for r in rows if r["method"] == mixed and budget
+                and r.get("gbitops") is not None and r["gbitops"] > budget[0] * (1 + 1e-6)]
+        if over:  # then it is no same-budget comparison: say so
+            line += (f" (but Q-ViT mixed ended over its budget in {len(over)} seed(s), up to "
+                     f"{max(over):.4f} GBitOPs: not a same-budget comparison)")
+        lines.append(line)
     return lines
 
 
