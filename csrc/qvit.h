@@ -5,7 +5,7 @@
  * CPU / CUDA entry points. Nothing here knows about Python or torch: tensors
  * arrive as raw pointers to contiguous memory plus int64 sizes.
  *
- * The op (docs/design.md, the op contract): x is viewed as [outer, groups,
+ * The op (docs/design.md section 2, the op contract): x is viewed as [outer, groups,
  * inner]; group g uses bit-width bits[g] and scale-table row
  * (scale_groups == 1 ? 0 : g). The element math lives in fq_math.h, shared
  * by CPU and CUDA.

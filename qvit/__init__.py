@@ -23,6 +23,8 @@ _LAZY = {
     "PRESETS": ("qvit.nn.config", "PRESETS"),
     "Quantizer": ("qvit.nn.quantizer", "Quantizer"),
     "convert": ("qvit.models.convert", None),
+    "create_model": ("qvit.models.recipe", "create"),
+    "conversion_summary": ("qvit.models.convert", "conversion_summary"),
     "quantize_model": ("qvit.models.convert", "quantize_model"),
     "dequantize_model": ("qvit.models.convert", "dequantize_model"),
     "calibrate": ("qvit.models.convert", "calibrate"),

@@ -39,7 +39,16 @@ def _cuda_skip():
     return None
 
 
-SKIP_REASON = {"reference": None, "cpu": _cpu_skip(), "cuda": _cuda_skip()}
+def _emu_skip():
+    from cuda_emu import emu
+    why = emu.unavailable()
+    if why is None and "libasan" in os.environ.get("LD_PRELOAD", ""):
+        why = "ASan is preloaded (scripts/run_sanitizers.sh), and it does not support the " \
+              "emulation's ucontext coroutines"
+    return f"host emulation of the CUDA kernels: {why}" if why else None
+
+
+SKIP_REASON = {"reference": None, "cpu": _cpu_skip(), "cuda": _cuda_skip(), "cuda_emu": _emu_skip()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +61,17 @@ class Impl:
         return None if t is None else t.to(self.device)
 
 
+def _emu_fake_quant(*args, **kwargs):
+    from cuda_emu import op
+    return op.fake_quant(*args, **kwargs)
+
+
 IMPLS = {
     "reference": Impl("reference", torch.device("cpu"), reference.fake_quant),
     "cpu": Impl("cpu", torch.device("cpu"), ops.fake_quant),
     "cuda": Impl("cuda", torch.device("cuda"), ops.fake_quant),
+    # the CUDA source's launchers and kernels run by the host emulation (tests/cuda_emu)
+    "cuda_emu": Impl("cuda_emu", torch.device("cpu"), _emu_fake_quant),
 }
 
 
@@ -64,10 +80,29 @@ def _param(name):
     marks = [pytest.mark.skip(reason=reason)] if reason else []
     if name == "cuda":
         marks.append(pytest.mark.cuda)
+    if name == "cuda_emu":
+        marks.append(pytest.mark.cuda_emu)
     return pytest.param(name, marks=marks, id=name)
 
 
-@pytest.fixture(params=[_param(n) for n in ("reference", "cpu", "cuda")])
+IMPL_NAMES = ("reference", "cpu", "cuda", "cuda_emu")
+
+
+def impl_dtype_grid(dtypes):
+    """(impl, dtype) parameters for ``indirect=["impl"]``: every implementation with every
+    dtype it accepts. float64 is a CPU-only (gradcheck) dtype: the CUDA op refuses it
+    (tests/test_cuda.py checks the refusal), so those pairs are not in the grid at all."""
+    out = []
+    for n in IMPL_NAMES:
+        p = _param(n)
+        for d in dtypes:
+            if n in ("cuda", "cuda_emu") and d == torch.float64:
+                continue
+            out.append(pytest.param(n, d, marks=p.marks, id=f"{n}-{str(d).replace('torch.', '')}"))
+    return out
+
+
+@pytest.fixture(params=[_param(n) for n in IMPL_NAMES])
 def impl(request) -> Impl:
     """Every implementation of the op (skips carry a reason)."""
     return IMPLS[request.param]

@@ -39,7 +39,7 @@ TIE_MARGIN = 0.05
 # Bound on |kernel sum - float64 sum| relative to sum(|terms|), per x dtype.
 RTOL_SUM = {torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5, torch.float64: 1e-12}
 
-# name -> (shape, dim, groups): the layouts of DESIGN.md section 2.
+# name -> (shape, dim, groups): the layouts of docs/design.md section 2.1.
 LAYOUTS: Dict[str, Tuple[Tuple[int, ...], int, int]] = {
     "per_tensor": ((3, 7, 5), 0, 1),
     "per_channel": ((11, 6), -1, 6),           # [T, C], G = C

@@ -51,8 +51,9 @@ def test_run_case_rows(case):
 def test_bench_model_smoke(capsys):
     pytest.importorskip("timm")
     bench_model = pytest.importorskip("bench_model")
-    rc = bench_model.main(["--batch", "2", "--img-size", "32", "--rounds", "1",
-                           "--per-round", "1"])
+    rc = bench_model.main(["--models", "deit_tiny_patch16_224", "--batch", "2",
+                           "--img-size", "32", "--rounds", "1", "--per-round", "1",
+                           "--tiny-repeats", "1", "--compile", "none"])
     out = capsys.readouterr().out
     assert rc == 0
     for name in ("float", "qvit", "reference"):

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import assert_bitwise
 from qvit.ops import reference, torch_ops as ops
 
 _C = pytest.importorskip("qvit._C")
@@ -239,23 +240,64 @@ def test_rows_layout_deterministic_across_threads():
             assert all(torch.equal(a, b) for a, b in zip(ref_out, (gx, gs, gb)))
 
 
-_ISA_SCRIPT = r"""
-import sys, numpy as np, qvit._C as C
-rng = np.random.default_rng(0)
-out = []
-for shape, dim, G in (((64, 2048), 0, 1), ((512, 96), 1, 96), ((64, 3, 400), 1, 3)):
-    for dt in (np.float32, np.float16, np.float64):
-        pdt = np.float64 if dt == np.float64 else np.float32
-        x = (rng.normal(size=shape) * 2).astype(dt)
-        gy = rng.normal(size=shape).astype(dt)
-        bits = rng.uniform(2, 8, size=G).astype(pdt)
-        scale = rng.uniform(0.05, 0.5, size=(G, 7)).astype(pdt)
-        y = C.fq_forward(x, scale, bits, None, None, dim=dim, signed=True, bits_min=2, bits_max=8)
-        g = C.fq_backward(gy, x, scale, bits, None, None, None, None, None, dim=dim, signed=True,
-                          bits_min=2, bits_max=8)
-        out += [y, g[0], g[1], g[2]]
-np.savez(sys.argv[1], *out)
-"""
+ISA_LEVELS = ("v4", "v3", "v2", "base")
+
+
+def _isa_outputs():
+    """Every layout / dtype / signedness / offset case through the CPU kernels, at the
+    level the dispatcher picks now (it reads QVIT_ISA at each call, as _C.cpu_isa() does)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for shape, dim, G in (((64, 2048), 0, 1), ((512, 96), 1, 96), ((64, 3, 400), 1, 3),
+                          ((7, 3, 33), 1, 3)):
+        for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            for signed, with_offset in ((True, False), (False, True), (True, True)):
+                pdt = torch.float64 if dt == torch.float64 else torch.float32
+                x = (torch.randn(shape, generator=g) * 2).to(dt)
+                gy = torch.randn(shape, generator=g).to(dt)
+                bits = (torch.rand(G, generator=g) * 6 + 2).to(pdt)
+                scale = (torch.rand(G, 7, generator=g) * 0.45 + 0.05).to(pdt)
+                off = (torch.rand(G, 7, generator=g) - 0.5).to(pdt) if with_offset else None
+                kw = dict(dim=dim, signed=signed, bits_min=2, bits_max=8)
+                y = _C.fq_forward(x, scale, bits, off, torch.empty_like(x), **kw)
+                grads = _C.fq_backward(gy, x, scale, bits, off, torch.empty_like(x),
+                                       torch.empty_like(scale), torch.empty_like(bits),
+                                       None if off is None else torch.empty_like(off), **kw)
+                out += [y] + [t for t in grads if t is not None]
+    return out
+
+
+def _isa_at(monkeypatch, cap):
+    if cap is None:
+        monkeypatch.delenv("QVIT_ISA", raising=False)
+    else:
+        monkeypatch.setenv("QVIT_ISA", cap)
+    return _C.cpu_isa()
+
+
+@pytest.fixture(scope="module")
+def isa_base():
+    """(the highest level this CPU and build run, the baseline loops' outputs)."""
+    with pytest.MonkeyPatch.context() as mp:
+        best = _isa_at(mp, None)
+        assert _isa_at(mp, "base") == "base"
+        return best, _isa_outputs()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", ISA_LEVELS[:-1])
+def test_isa_paths_agree_bitwise(isa, isa_base, monkeypatch):
+    """Each ISA instance (AVX-512, AVX2, SSE4.2) gives the bits of the baseline loops, for
+    fp32 / fp16 / bf16 / fp64, signed, unsigned with offset and signed with offset; the
+    dispatcher reports running the level asked for (so no level is compared with itself)."""
+    best, base = isa_base
+    if ISA_LEVELS.index(isa) < ISA_LEVELS.index(best):
+        pytest.skip(f"this CPU (or build) runs at most {best}: no {isa} path to test")
+    assert _isa_at(monkeypatch, isa) == isa, f"QVIT_ISA={isa} runs {_C.cpu_isa()}"
+    res = _isa_outputs()
+    assert len(res) == len(base)
+    for i, (a, b) in enumerate(zip(res, base)):
+        assert_bitwise(a, b, f"{isa} output {i} vs base")
 
 
 def test_cpu_isa_honours_the_cap(monkeypatch):
@@ -270,24 +312,6 @@ def test_cpu_isa_honours_the_cap(monkeypatch):
         assert _C.cpu_isa() == want, cap
     monkeypatch.setenv("QVIT_ISA", "bogus")  # an unknown cap means the baseline
     assert _C.cpu_isa() == "base"
-
-
-@pytest.mark.slow
-def test_isa_paths_agree_bitwise(tmp_path):
-    """Every ISA instance (AVX-512, AVX2, SSE4, baseline) gives the same bits."""
-    script = tmp_path / "isa.py"
-    script.write_text(_ISA_SCRIPT)
-    results = {}
-    for isa in ("v4", "v3", "v2", "base"):
-        env = dict(os.environ, QVIT_ISA=isa)
-        out = tmp_path / f"{isa}.npz"
-        subprocess.run([sys.executable, str(script), str(out)], check=True, env=env,
-                       timeout=120)
-        results[isa] = np.load(out)
-    base = results["base"]
-    for isa, res in results.items():
-        for k in base.files:
-            np.testing.assert_array_equal(res[k], base[k], err_msg=f"{isa} {k}")
 
 
 # ---------------------------------------------------------------------------
@@ -597,11 +621,9 @@ def test_no_reference_or_object_leaks():
         _C.fq_backward(x, x, scale, bits, off, None, None, None, None, dim=1, signed=False,
                        **KW)
         _C.fq_forward(tx, ts, tb, None, ty, dim=1, signed=True, **KW)
-        try:
+        with pytest.raises(ValueError):  # the error path releases what it took, too
             _C.fq_forward(x, scale, bits, off, np.zeros(3, np.float32), dim=1, signed=True,
                           **KW)
-        except ValueError:
-            pass
 
     for _ in range(200):
         once()

@@ -1,6 +1,6 @@
 """BitOPs / size accounting, the budget loss, bit freezing and the report.
 
-References: the published DeiT budget table (method.md section 4, exact to the
+References: the published DeiT budget table (docs/design.md section 5.3, exact to the
 3 decimals printed), and per-term formulas written out here by hand from the
 model dimensions (exact up to float32 summation, rel 1e-6).
 """

@@ -1,6 +1,7 @@
 """DistributedDataParallel on the CPU (gloo): `torchrun -m qvit train` and the broadcast."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -66,18 +67,61 @@ def test_broadcast_module_copies_rank0_calibration(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+# Runs `qvit train` as torchrun would run `-m qvit`, and has every rank write a hash of its
+# model's parameters right after the start-of-run broadcast and at the end of training.
+_RANK_HASH_MAIN = r"""
+import hashlib, json, os, sys
+from qvit.train import cli, distributed as dist_util, loop
+
+def digest(model):
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+record = {}
+_broadcast, _train = dist_util.broadcast_module, loop.train
+
+def broadcast_module(module, src=0):
+    _broadcast(module, src)
+    record["start"] = digest(module)
+
+def train(args):
+    summary = _train(args)
+    record["end"] = digest(summary["model_obj"])
+    with open(os.path.join(sys.argv[1], "rank%s.json" % os.environ["RANK"]), "w") as f:
+        json.dump(record, f)
+    return summary
+
+dist_util.broadcast_module, loop.train = broadcast_module, train
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
 @pytest.mark.slow
 def test_torchrun_two_process_gloo_training(tmp_path):
+    """Two ranks train in lockstep: after the run each rank's parameters hash the same, and
+    differently from the broadcast start (without DDP's gradient all-reduce the ranks, fed
+    different shards, would drift apart)."""
     data = make_folder(tmp_path / "data", classes=3, per_class=(8, 5))
     out = tmp_path / "run"
+    main = tmp_path / "rank_hash_main.py"
+    main.write_text(_RANK_HASH_MAIN)
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-           "--nproc-per-node", "2", "-m", "qvit", "train", data, *TINY, "--device", "cpu",
-           "--quant", "qvit_mixed", "--target-bits", "3", "--epochs", "2",
-           "--freeze-bits-at", "0.5", "-b", "2", "--output", str(out)]
+           "--nproc-per-node", "2", str(main), str(tmp_path), "train", data, *TINY,
+           "--device", "cpu", "--quant", "qvit_mixed", "--target-bits", "3", "--epochs", "2",
+           "--freeze-bits-at", "0.5", "-b", "2", "--output", str(out),
+           # 24 images: fewer than one round of timm's RepeatAugSampler (256)
+           "--aug-repeats", "0"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert ranks[0]["start"] == ranks[1]["start"], "the broadcast did not give one start"
+    assert ranks[0]["end"] == ranks[1]["end"], "the ranks' parameters differ after training"
+    assert ranks[0]["end"] != ranks[0]["start"], "training did not change the parameters"
     ck = ckpt_io.load(str(out / "last.pth"))
     assert ck["epoch"] == 1 and ck["bits_frozen"]
     # validation is sharded without padding: every image counted exactly once

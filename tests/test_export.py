@@ -38,7 +38,8 @@ def _model(preset_name: str, seed: int = 0, perturb_bits: bool = False):
 
 
 @pytest.mark.parametrize("preset_name, perturb", [("uniform_w3a3", False),
-                                                  ("qvit_mixed", True)])
+                                                  ("qvit_mixed", True),
+                                                  ("qvit_official", True)])
 def test_export_load_reproduces_outputs(tmp_path, preset_name, perturb):
     m, spec = _model(preset_name, perturb_bits=perturb)
     x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -104,3 +105,26 @@ def test_load_rejects_bad_files(tmp_path):
     save_file({"a": torch.zeros(2)}, str(q))
     with pytest.raises(ExportError, match="not a qvit export"):
         load_exported(str(q))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_get_the_usual_permissions(tmp_path, umask):
+    """Exports and checkpoints are 0o666 & ~umask like any new file (mkstemp alone: 0o600)."""
+    import os
+    import stat
+
+    from qvit.models import checkpoint as ckpt_io
+
+    m, spec = _model("uniform_w3a3")
+    old = os.umask(umask)
+    try:
+        path = tmp_path / "m.safetensors"
+        export(m, str(path), model_info=INFO, quant=spec)
+        ck = tmp_path / "c.pth"
+        ckpt_io.save({"state_dict": m.state_dict()}, str(ck))
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    assert stat.S_IMODE(path.stat().st_mode) == want
+    assert stat.S_IMODE(ck.stat().st_mode) == want
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]

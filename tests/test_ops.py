@@ -17,7 +17,7 @@ import torch
 from helpers import (LAYOUTS, assert_bitwise, assert_close_tol, decode,
                      grad_tolerances, make_params, surrogate_gradcheck, tie_and_edge_cases,
                      tie_free_input)
-from conftest import IMPLS, SKIP_REASON
+from conftest import IMPLS, SKIP_REASON, impl_dtype_grid
 from qvit.ops import reference, torch_ops as ops
 
 IMPLS_CPU = IMPLS["cpu"]
@@ -74,11 +74,6 @@ def compare(impl, x, scale, bits, offset, gy, what="", **kw):
     return got
 
 
-def _skip_f64_cuda(impl, dtype):
-    if dtype == torch.float64 and impl.name == "cuda":
-        pytest.skip("float64 is a CPU-only (gradcheck) dtype")
-
-
 def _clip_counts(x, scale, bits, offset, signed, dim, br):
     outer, g, inner = reference.group_shape(x.shape, dim, bits.numel())
     s, beta, qn, qp = (t.view(1, g, 1) for t in decode(scale, bits, offset, signed, br))
@@ -88,13 +83,12 @@ def _clip_counts(x, scale, bits, offset, signed, dim, br):
 
 # --- the main grid ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("impl,dtype", impl_dtype_grid(DTYPES), indirect=["impl"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
 @pytest.mark.parametrize("with_offset", [False, True], ids=["", "offset"])
 @pytest.mark.parametrize("rows", ["shared", "per_group"])
 def test_matches_reference(impl, dtype, layout, signed, with_offset, rows):
-    _skip_f64_cuda(impl, dtype)
     shape, dim, g = LAYOUTS[layout]
     pdt = torch.float64 if dtype == torch.float64 else torch.float32
     scale, bits, offset = make_params(g, scale_rows=1 if rows == "shared" else g,
@@ -299,7 +293,8 @@ def test_reference_fallback_for_other_devices():
 
 def test_backend_info_keys():
     info = ops.backend_info()
-    assert set(info) == {"c_loaded", "c_import_error", "cuda_built", "cuda_devices", "exchange_api"}
+    assert set(info) == {"c_loaded", "c_import_error", "cuda_built", "cuda_devices", "cuda_status",
+                         "exchange_api"}
     assert info["c_loaded"] == (info["c_import_error"] is None)
 
 

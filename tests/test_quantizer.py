@@ -51,7 +51,7 @@ def test_qvit_config_rejects():
 
 
 def test_presets():
-    assert set(PRESETS) == {"lsq_w4a4", "uniform_w3a3", "qvit_mixed"}
+    assert set(PRESETS) == {"lsq_w4a4", "uniform_w3a3", "uniform_w2a2", "qvit_mixed", "qvit_official"}
     w4 = preset("lsq_w4a4")
     assert w4.weight.bits == 4 and w4.act.bits == 4 and not w4.weight.learn_bits
     assert not w4.head_wise and w4.first_last_bits == 8
@@ -85,7 +85,7 @@ def test_mse_fit_signed_matches_brute_force(bits):
 
 
 def test_mse_fit_gaussian_table_shape():
-    # method.md section 2: the MSE step size on N(0,1) roughly halves per extra bit
+    # docs/design.md section 2.6: the MSE step size on N(0,1) roughly halves per extra bit
     x = torch.randn(1, 50000, generator=torch.Generator().manual_seed(0))
     scales = [float(mse_fit(x, b, True, False)[0]) for b in range(2, 9)]
     assert scales[0] == pytest.approx(1.05, rel=0.05)
@@ -245,6 +245,8 @@ def test_observe_then_fit_pools_batches():
 
 
 def test_fused_equals_separate():
+    """One fused op over three quantizers equals the three quantizers run one by one:
+    the output and every gradient (x, bits, scale table)."""
     torch.manual_seed(0)
     cfg = QuantizerConfig(bits=4, learn_bits=True, granularity="head")
     qs = [Quantizer(cfg, groups=2, dim=1) for _ in range(3)]
@@ -252,9 +254,27 @@ def test_fused_equals_separate():
     for i, q in enumerate(qs):
         q.init_from(x[:, 2 * i:2 * i + 2])
         q.set_bits_([3 + i, 5])
-    fused = fused_fake_quant(x, qs, dim=1)
-    sep = torch.cat([q(x[:, 2 * i:2 * i + 2]) for i, q in enumerate(qs)], dim=1)
+    u = torch.randn(10, 6, 4)
+
+    def run(f):
+        xg = x.clone().requires_grad_(True)
+        for q in qs:
+            q.zero_grad(set_to_none=True)
+        y = f(xg)
+        (y * u).sum().backward()
+        grads = [(q.bits.grad.clone(), q.scale.grad.clone()) for q in qs]
+        return y.detach(), xg.grad, grads
+
+    fused, fgx, fgp = run(lambda t: fused_fake_quant(t, qs, dim=1))
+    sep, sgx, sgp = run(lambda t: torch.cat([q(t[:, 2 * i:2 * i + 2]) for i, q in enumerate(qs)],
+                                            dim=1))
     torch.testing.assert_close(fused, sep, atol=0, rtol=0)
+    torch.testing.assert_close(fgx, sgx, atol=0, rtol=0)
+    for i, ((fb, fs), (sb, ss)) in enumerate(zip(fgp, sgp)):
+        assert fb.abs().sum() > 0 and fs.abs().sum() > 0, i  # the gradients are not vacuous
+        # parameter sums: same terms, possibly another partial-sum order (fp32)
+        torch.testing.assert_close(fb, sb, rtol=1e-5, atol=1e-6, msg=f"bits grad {i}")
+        torch.testing.assert_close(fs, ss, rtol=1e-5, atol=1e-6, msg=f"scale grad {i}")
     qs[1].enabled = False
     part = fused_fake_quant(x, qs, dim=1)
     torch.testing.assert_close(part[:, 2:4], x[:, 2:4], atol=0, rtol=0)

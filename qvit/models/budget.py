@@ -1,6 +1,6 @@
 """BitOPs and model-size accounting, the Q-ViT budget loss, bit freezing.
 
-Q-ViT (Li et al., arXiv 2201.07703; ``reference/method.md`` section 4) trains
+Q-ViT (Li et al., arXiv 2201.07703; ``docs/design.md`` section 5.3) trains
 with ``loss = task + lambda * max(BitOPs / 1e9 - budget, 0)^2`` where BitOPs are
 computed from the STE-rounded bit-widths, so the penalty reaches every learned
 bit-width. Here every quantized matmul counts ``MACs x b_w x b_a``, summed over
@@ -88,8 +88,9 @@ def bitops(model: nn.Module) -> Tensor:
 
 
 def uniform_bitops(model: nn.Module, bits: float, first_last_bits: Optional[float] = 8) -> float:
-    """BitOPs per image of the same model at uniform ``bits`` (first/last layers at
-    ``first_last_bits``; ``None`` = same as the rest): the budget of a target bit-width."""
+    """BitOPs (not GBitOPs) per image of the same model at uniform ``bits`` (first/last
+    layers at ``first_last_bits``; ``None`` = same as the rest): the budget of a target
+    bit-width. :func:`budget_loss` takes GBitOPs: divide by 1e9."""
     _check_bits(bits, "bits")
     if first_last_bits is not None:
         _check_bits(first_last_bits, "first_last_bits")
@@ -122,6 +123,12 @@ def budget_loss(model: nn.Module, budget_gbitops: float, weight: float = 0.1,
                 kind: str = "bitops") -> Tensor:
     """``weight * max(cost - budget, 0)^2``, the Q-ViT squared-hinge budget penalty.
 
+    Units: ``budget_gbitops`` is in **GBitOPs** (1e9 BitOPs) per image, while
+    :func:`bitops` and :func:`uniform_bitops` return plain BitOPs, so divide
+    those by 1e9. A budget the model can never exceed (above its cost with
+    every bit-width at the top of its range) is refused: the loss would be 0
+    for ever, which is what passing BitOPs here looks like.
+
     Args:
         model: a quantized model that has run a forward.
         budget_gbitops: the budget: GBitOPs per image for ``kind="bitops"``,
@@ -130,7 +137,8 @@ def budget_loss(model: nn.Module, budget_gbitops: float, weight: float = 0.1,
         kind: ``"bitops"`` or ``"size"``.
 
     Raises:
-        ValueError: bad ``kind``, negative ``budget_gbitops`` or ``weight``.
+        ValueError: bad ``kind``, negative ``budget_gbitops`` or ``weight``, or a
+            budget above the model's largest possible cost (wrong unit).
     """
     if kind not in ("bitops", "size"):
         raise ValueError(f"kind must be 'bitops' or 'size', got {kind!r}")
@@ -138,8 +146,32 @@ def budget_loss(model: nn.Module, budget_gbitops: float, weight: float = 0.1,
         raise ValueError(f"budget_gbitops must be a non-negative number, got {budget_gbitops!r}")
     if not isinstance(weight, (int, float)) or not weight >= 0:
         raise ValueError(f"weight must be a non-negative number, got {weight!r}")
+    _check_budget_unit(model, float(budget_gbitops), kind)
     cost = bitops(model) / 1e9 if kind == "bitops" else model_size_bits(model) / 1e6
     return weight * torch.clamp(cost - budget_gbitops, min=0) ** 2
+
+
+def _check_budget_unit(model: nn.Module, budget: float, kind: str) -> None:
+    """Refuse a budget above the model's largest cost (checked once per model and budget)."""
+    key = (kind, budget)
+    if model.__dict__.get("_qvit_budget_checked") == key:
+        return
+    tops = [q.bits_range[1] for q in model.modules() if isinstance(q, Quantizer) and q.enabled]
+    if tops:
+        top = max(tops)
+        if kind == "bitops":
+            most, unit = uniform_bitops(model, top, first_last_bits=top) / 1e9, "GBitOPs"
+        else:
+            most, unit = uniform_size_bits(model, top, first_last_bits=top) / 1e6, "Mbit"
+        if budget > most * (1 + 1e-6):
+            hint = (" Is it in BitOPs? bitops() and uniform_bitops() return BitOPs: divide "
+                    "by 1e9." if kind == "bitops" else
+                    " Is it in bits? model_size_bits() returns bits: divide by 1e6.")
+            raise ValueError(
+                f"budget_gbitops={budget:.6g} is more than this model can ever cost "
+                f"({most:.4g} {unit} with every bit-width at {top}), so the budget loss "
+                f"would always be 0.{hint}")
+    model.__dict__["_qvit_budget_checked"] = key
 
 
 def freeze_bits(model: nn.Module, frozen: bool = True) -> int:

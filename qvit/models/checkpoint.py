@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -48,19 +48,46 @@ def set_rng_state(state: Dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(cuda)
 
 
-def save(obj: Dict[str, Any], path: str) -> None:
-    """Write atomically: a crash mid-write never leaves a truncated ``path``."""
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read-by-setting
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str, write: Callable[[str], None], suffix: str = ".tmp") -> None:
+    """``write(tmp)`` into a temporary file next to ``path``, then rename it onto ``path``.
+
+    A crash mid-write never leaves a truncated ``path``. The file gets the
+    permissions any other new file gets (``0o666 & ~umask``; ``mkstemp``
+    alone would leave it ``0o600``). The folder must exist.
+    """
     d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".pth")
+    if not os.path.isdir(d):
+        raise CheckpointError(f"cannot write {path!r}: folder {d!r} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=suffix)
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save(obj: Dict[str, Any], path: str) -> None:
+    """Write atomically (see :func:`atomic_write`), creating the folder if needed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), suffix=".pth")
 
 
 def load(path: str, map_location: Any = "cpu") -> Dict[str, Any]:

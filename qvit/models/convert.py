@@ -24,7 +24,9 @@ Example::
 from __future__ import annotations
 
 import fnmatch
-from typing import Iterable, Iterator, Optional, Tuple
+import inspect
+import warnings
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -34,7 +36,12 @@ from ..nn.config import QuantizerConfig, QViTConfig
 from ..nn.quantizer import Quantizer
 
 __all__ = ["quantize_model", "dequantize_model", "calibrate", "quantizers",
-           "set_quantizers_enabled", "clamp_bits_", "is_quantized"]
+           "set_quantizers_enabled", "clamp_bits_", "is_quantized", "conversion_summary",
+           "UnrecognisedModelWarning"]
+
+
+class UnrecognisedModelWarning(UserWarning):
+    """quantize_model met attention it does not know: only its linear layers are quantized."""
 
 _QUANTIZED = (QLinear, QConv2d, QAttention, QWindowAttention)
 
@@ -50,10 +57,22 @@ def _is_attention(m) -> bool:
             and isinstance(getattr(m, "attn_drop", None), nn.Module))
 
 
+def _forward_fits(m, replacement) -> bool:
+    """The module's forward takes no argument the quantized replacement lacks
+    (EVA's ``rope``, BEiT's ``shared_rel_pos_bias``: a different attention)."""
+    try:
+        mine = inspect.signature(type(m).forward).parameters
+        theirs = inspect.signature(replacement.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return set(mine) <= set(theirs)
+
+
 def _is_vit_attention(m) -> bool:
     return (_is_attention(m) and isinstance(getattr(m, "head_dim", None), int)
             and not hasattr(m, "relative_position_bias_table")
-            and not hasattr(m, "logit_scale") and not hasattr(m, "rope"))
+            and not hasattr(m, "logit_scale") and not hasattr(m, "rope")
+            and getattr(m, "q_bias", None) is None and _forward_fits(m, QAttention))
 
 
 def _is_window_attention(m) -> bool:
@@ -61,7 +80,16 @@ def _is_window_attention(m) -> bool:
             and isinstance(getattr(m, "relative_position_index", None), torch.Tensor)
             and isinstance(getattr(m, "window_area", None), int)
             and isinstance(getattr(m, "softmax", None), nn.Module)
-            and not hasattr(m, "logit_scale"))
+            and not hasattr(m, "logit_scale") and _forward_fits(m, QWindowAttention))
+
+
+def _looks_like_attention(m) -> bool:
+    """Attention that :func:`quantize_model` did not recognise (its matmuls stay float)."""
+    if isinstance(m, _QUANTIZED):
+        return False
+    named = "attention" in type(m).__name__.lower()
+    heads = isinstance(getattr(m, "num_heads", None), int)
+    return (named or heads) and any(isinstance(c, nn.Linear) for c in m.children())
 
 
 def _is_mlp(m) -> bool:
@@ -78,6 +106,33 @@ def _record_batch(module, args, kwargs):
     x = args[0] if args else next(iter(kwargs.values()), None)
     if isinstance(x, torch.Tensor) and x.dim() > 0:
         module.__dict__["_qvit_batch"] = int(x.shape[0])
+    probe = module.__dict__.get("_qvit_probe")
+    if probe is not None and probe.scale.dtype != torch.float32:
+        raise TypeError(
+            f"the quantizer parameters of this model are {probe.scale.dtype} (model.half() or "
+            ".to(dtype) after quantize_model?); scales and bit-widths must stay float32: keep "
+            "the model in float32 and run it under torch.autocast(device_type, "
+            "dtype=torch.float16 or torch.bfloat16) for low-precision compute")
+
+
+def _check_loaded_bits(module, state_dict, prefix, *args) -> None:
+    """Warn when a state dict sets fixed bit-widths other than this model's config
+    (a state dict of another preset: the model would then run at the loaded bits)."""
+    differ = []
+    for name, q in quantizers(module):
+        key = f"{prefix}{name}.bits" if name else f"{prefix}bits"
+        value = state_dict.get(key)
+        if q.learn_bits or not isinstance(value, torch.Tensor) or value.shape != q.bits.shape:
+            continue
+        if not bool((value.detach().float().cpu() == q.config.bits).all()):
+            differ.append((name, sorted(set(value.detach().float().cpu().tolist())), q.config.bits))
+    if differ:
+        name, got, want = differ[0]
+        warnings.warn(
+            f"load_state_dict: {len(differ)} fixed (not learned) bit-widths differ from this "
+            f"model's quantization config, e.g. {name}.bits = {got} where the config says "
+            f"{want:g}; the model now runs at the loaded bits. Was the state dict saved from a "
+            "model converted with another preset?", UserWarning, stacklevel=4)
 
 
 def _plain(cfg: Optional[QuantizerConfig]) -> Optional[QuantizerConfig]:
@@ -119,21 +174,32 @@ def _patch_embed_ids(model: nn.Module) -> set:
     return {id(proj)} if isinstance(proj, nn.Conv2d) else set()
 
 
-def quantize_model(model: nn.Module, config: QViTConfig) -> nn.Module:
+def quantize_model(model: nn.Module, config: QViTConfig, strict: bool = False) -> nn.Module:
     """Swap the matmul layers of a timm DeiT / Swin model for quantized ones, in place.
 
     Args:
         model: a timm ``VisionTransformer`` / ``VisionTransformerDistilled`` /
             ``SwinTransformer`` (or any model built from the same blocks).
         config: where each quantizer sits, see :class:`~qvit.nn.config.QViTConfig`.
+        strict: raise instead of warning when the model is not a recognised
+            DeiT / Swin (see below).
 
     Returns:
         ``model`` itself. Quantizers start uninitialised: call :func:`calibrate`
-        (or they initialise lazily from their first input).
+        (or they initialise lazily from their first input). What was and was
+        not converted: :func:`conversion_summary`. Build the optimizer *after*
+        this call (:func:`qvit.param_groups`): an earlier one misses the new
+        scales and bit-widths, and its first ``step()`` raises.
+
+    Warns:
+        UnrecognisedModelWarning: the model has attention this function does not
+            know (EVA, BEiT, Swin V2, ...: only their linear layers get quantized,
+            their attention matmuls stay float) or no attention at all (a CNN:
+            convs and linears only, no first/last layer found at 8 bits).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``config`` not a ``QViTConfig``.
-        ValueError: ``model`` is already quantized.
+        ValueError: ``model`` is already quantized, or (``strict``) not recognised.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -166,6 +232,7 @@ def quantize_model(model: nn.Module, config: QViTConfig) -> nn.Module:
                 new = cls.from_attention(
                     child, weight=config.weight, act=config.act, attn_cfg=config.attn,
                     probs=config.attn_probs, head_wise=config.head_wise,
+                    weight_grouping=config.weight_grouping,
                     quantize_qkv=not skipped(f"{name}.qkv"),
                     quantize_proj=not skipped(f"{name}.proj"))
                 setattr(parent, cname, new)
@@ -203,10 +270,74 @@ def quantize_model(model: nn.Module, config: QViTConfig) -> nn.Module:
             convert(child, f"{name}.")
 
     convert(model, "")
+    summary = conversion_summary(model, skipped_by=config.skip)
+    _warn_unrecognised(model, summary, strict)
     if not any(h is _record_batch for h in model._forward_pre_hooks.values()):
         model.register_forward_pre_hook(_record_batch, with_kwargs=True)
+        model.__dict__["_qvit_load_hook"] = model.register_load_state_dict_pre_hook(
+            _check_loaded_bits)
     model.__dict__["qvit_config"] = config
+    model.__dict__["_qvit_probe"] = next((q for _, q in quantizers(model)), None)
+    from .param_groups import watch
+
+    watch(model)
     return model
+
+
+def conversion_summary(model: nn.Module, skipped_by: Iterable[str] = ()) -> Dict[str, List[str]]:
+    """Module names by what conversion made of them.
+
+    ``attention`` (quantized attention), ``linear`` / ``conv`` (quantized
+    layers outside attention), ``first_last`` (of those: patch embedding and
+    classifiers), ``skipped`` (left float by ``QViTConfig.skip``),
+    ``unrecognised_attention`` (attention left float but for its linears),
+    ``float_linear`` (``nn.Linear`` / ``nn.Conv2d`` left float).
+    """
+    out: Dict[str, List[str]] = {k: [] for k in ("attention", "linear", "conv", "first_last",
+                                                 "skipped", "unrecognised_attention",
+                                                 "float_linear")}
+    patterns = tuple(skipped_by) or tuple(getattr(model.__dict__.get("qvit_config"), "skip", ()))
+    inside: List[str] = []
+    for name, m in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(m, (QAttention, QWindowAttention)):
+            out["attention"].append(name)
+            inside.append(name)
+        elif isinstance(m, (QLinear, QConv2d)):
+            out["conv" if isinstance(m, QConv2d) else "linear"].append(name)
+            if m.first_last:
+                out["first_last"].append(name)
+        elif name and any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            out["skipped"].append(name)
+            inside.append(name)
+        elif _looks_like_attention(m):
+            out["unrecognised_attention"].append(name)
+        elif isinstance(m, (nn.Linear, nn.Conv2d)):
+            out["float_linear"].append(name)
+    return out
+
+
+def _warn_unrecognised(model: nn.Module, summary: Dict[str, List[str]], strict: bool) -> None:
+    kind = type(model).__name__
+    bad = summary["unrecognised_attention"]
+    if bad:
+        msg = (f"quantize_model: {len(bad)} attention module(s) of this {kind} are not a "
+               f"DeiT/ViT or Swin attention qvit knows (e.g. {bad[0]}: "
+               f"{type(model.get_submodule(bad[0])).__name__}); only their linear layers "
+               "are quantized, their attention matmuls stay float")
+    elif not summary["attention"]:
+        msg = (f"quantize_model: this {kind} has no DeiT/ViT or Swin attention; only its "
+               f"{len(summary['linear']) + len(summary['conv'])} Linear/Conv2d layers are "
+               "quantized" + ("" if summary["first_last"] and len(summary["first_last"]) > 1
+                              else ", and its first layer is not recognised (it runs at the "
+                              "regular bits, not first_last_bits)"))
+    else:
+        return
+    if strict:
+        raise ValueError(msg + " (strict=True)")
+    warnings.warn(msg + "; pass strict=True to make this an error", UnrecognisedModelWarning,
+                  stacklevel=3)
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:
@@ -234,6 +365,13 @@ def dequantize_model(model: nn.Module) -> nn.Module:
             model._forward_pre_hooks_with_kwargs.pop(key, None)
     model.__dict__.pop("qvit_config", None)
     model.__dict__.pop("_qvit_batch", None)
+    model.__dict__.pop("_qvit_probe", None)
+    handle = model.__dict__.pop("_qvit_load_hook", None)
+    if handle is not None:
+        handle.remove()
+    from .param_groups import unwatch
+
+    unwatch(model)
     return model
 
 

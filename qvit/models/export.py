@@ -55,16 +55,26 @@ def _view(w: Tensor, q) -> Tuple[Tensor, Tuple[int, ...]]:
     return w.reshape(outer, g, inner), tuple(w.shape)
 
 
+def _layout(module: Optional[nn.Module]):
+    """The layer's map of its weight to the quantizer's grouped view and back
+    (``weight_to_groups`` / ``weight_from_groups``; identity for plain layers)."""
+    to_g = getattr(module, "weight_to_groups", None)
+    if to_g is None:
+        return (lambda t: t), (lambda t: t)
+    return to_g, module.weight_from_groups
+
+
 @torch.no_grad()
 def weight_codes(module: nn.Module, q) -> Tensor:
     """Integer codes of ``module.weight`` under its weight quantizer (same shape)."""
-    y = q.quantize(module.weight.detach().float())  # the fake-quant output: on the grid
+    to_g, from_g = _layout(module)
+    y = q.quantize(to_g(module.weight.detach().float()))  # the fake-quant output: on the grid
     yv, shape = _view(y, q)
     s, o = _active(q, yv)
     qn, qp = contract.qrange(q.rounded_bits(), q.signed)
     codes = torch.round((yv - o[None, :, None]) / s[None, :, None])
     codes = torch.maximum(torch.minimum(codes, qp[None, :, None]), qn[None, :, None])
-    return codes.reshape(shape).to(_code_dtype(codes))
+    return from_g(codes.reshape(shape)).to(_code_dtype(codes))
 
 
 def _code_dtype(codes: Tensor) -> torch.dtype:
@@ -78,24 +88,55 @@ def _code_dtype(codes: Tensor) -> torch.dtype:
 
 
 @torch.no_grad()
-def decode_codes(codes: Tensor, q) -> Tensor:
+def decode_codes(codes: Tensor, q, module: Optional[nn.Module] = None) -> Tensor:
     """``codes * scale + offset`` per group (float32, the weight's shape)."""
-    cv, shape = _view(codes.float(), q)
+    to_g, from_g = _layout(module)
+    cv, shape = _view(to_g(codes.float()), q)
     s, o = _active(q, cv)
-    return (cv * s[None, :, None] + o[None, :, None]).reshape(shape)
+    return from_g((cv * s[None, :, None] + o[None, :, None]).reshape(shape))
 
 
-def export(model: nn.Module, path: str, *, model_info: Dict[str, Any],
-           quant: Optional[Dict[str, Any]]) -> int:
+def export(model: nn.Module, path: str, *, model_info: Optional[Dict[str, Any]] = None,
+           quant: Optional[Dict[str, Any]] = None) -> int:
     """Write ``model`` to ``path``; returns the number of tensors written.
 
+    The model's recipe (see :mod:`qvit.models.recipe`) goes into the file's
+    metadata, so :func:`load_exported`, ``qvit eval`` and ``qvit report``
+    rebuild the model from the file alone.
+
     Args:
-        model: a quantized model (after :func:`qvit.quantize_model`).
-        model_info: ``{"name": timm model name, "kwargs": create_model kwargs}``.
-        quant: ``{"preset": name, "overrides": {...}}`` (as stored in checkpoints).
+        model: a quantized model built with ``qvit.create_model`` (or loaded from a
+            qvit checkpoint or export), then ``qvit.quantize_model``.
+        model_info: ``{"name": timm model name, "kwargs": create_model kwargs}``;
+            default: what the model recorded. Needed for a model built with
+            ``timm.create_model`` directly.
+        quant: quantization recipe data; default: the model's own config.
+
+    Raises:
+        ExportError: the model is not quantized, does not know how it was created,
+            or the folder of ``path`` does not exist.
     """
     from safetensors.torch import save_file
 
+    import os
+
+    from .checkpoint import atomic_write
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ExportError(f"cannot write {str(path)!r}: folder {folder!r} does not exist")
+    from .recipe import _plain, describe
+
+    own_info, own_quant = describe(model)
+    model_info = model_info if model_info is not None else own_info
+    quant = quant if quant is not None else own_quant
+    if quant is None:
+        raise ExportError("model is not quantized: call qvit.quantize_model first")
+    if model_info is None:
+        raise ExportError(
+            "model does not record how it was created: build it with qvit.create_model(name, "
+            "**kwargs) instead of timm.create_model, or pass model_info={'name': ..., "
+            "'kwargs': {...}}")
     sites = list(_weight_sites(model))
     if not sites:
         raise ExportError("model has no enabled weight quantizers: nothing to export")
@@ -104,11 +145,15 @@ def export(model: nn.Module, path: str, *, model_info: Dict[str, Any],
         key = f"{name}.weight" if name else "weight"
         state.pop(key, None)
         state[key + CODES_SUFFIX] = weight_codes(m, q).cpu().contiguous()
+    config = {"model_info": _plain(model_info), "quant": _plain(quant)}
+    if model.__dict__.get("qvit_data"):
+        config["data"] = _plain(model.__dict__["qvit_data"])
     meta = {
         "format": FORMAT, "format_version": str(FORMAT_VERSION),
-        "config": json.dumps({"model_info": model_info, "quant": quant}, default=str),
+        "config": json.dumps(config),
     }
-    save_file(state, path, metadata=meta)
+    atomic_write(str(path), lambda tmp: save_file(state, tmp, metadata=meta),
+                 suffix=".safetensors")
     return len(state)
 
 
@@ -158,7 +203,9 @@ def load_exported(path: str, device: str = "cpu") -> nn.Module:
             if tuple(c.shape) != tuple(m.weight.shape):
                 raise ExportError(f"{path!r}: codes of {key} have shape {tuple(c.shape)}, "
                                   f"model weight {tuple(m.weight.shape)}")
-            m.weight.copy_(decode_codes(c.to(m.weight.device), q).to(m.weight.dtype))
+            m.weight.copy_(decode_codes(c.to(m.weight.device), q, m).to(m.weight.dtype))
     model.to(device)
     model.eval()
+    if cfg.get("data"):
+        model.__dict__["qvit_data"] = dict(cfg["data"])
     return model

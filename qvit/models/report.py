@@ -23,7 +23,7 @@ from . import budget as _budget
 from ..nn import QAttention, QConv2d, QLinear, QWindowAttention
 from ..nn.quantizer import Quantizer
 
-__all__ = ["Report", "report", "plot_bits"]
+__all__ = ["Report", "report", "plot_bits", "require_matplotlib"]
 
 
 def _bits(q: Optional[Quantizer]) -> Optional[List[int]]:
@@ -168,12 +168,22 @@ def _head_matrix(rep: Report):
     return [r["layer"] for r in attn], mat
 
 
+def require_matplotlib() -> None:
+    """Raise an ImportError that says how to install matplotlib (the ``demo`` extra)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError("plotting needs matplotlib: pip install 'qvit[demo]' "
+                          "(or pip install matplotlib)") from None
+
+
 def plot_bits(model_or_report: Union[nn.Module, Report], path) -> str:
     """Write a PNG of per-layer weight / activation bits and per-head attention bits.
 
     Returns:
         ``path`` as a string.
     """
+    require_matplotlib()
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,6 +1,6 @@
 """Quantized multi-head attention for timm ViT/DeiT ``Attention`` and Swin ``WindowAttention``.
 
-Quantized (Q-ViT, Li et al. 2022, section 3 of ``reference/method.md``): the qkv
+Quantized (Q-ViT, Li et al. 2022, ``docs/design.md`` section 5.2): the qkv
 input and weights, q, k, v, the softmax output (unsigned, after attention
 dropout), the A·V output (the proj input) and the proj weights. Float: the
 1/sqrt(d) scaling, the relative position bias, masks, softmax and any q/k norm.
@@ -9,8 +9,10 @@ Head-wise groups follow the memory layout of timm's fused qkv: output row
 ``r`` of the qkv weight belongs to (s, h) = (r // A, (r % A) // d) with
 ``A = heads * d``, so W_q/W_k/W_v are grouped by **output rows** per head
 (3H groups along dim 0) and W_proj by **input columns** per head (H groups
-along dim 1). (The released research code groups the transposed axis, which is
-not head-aligned.) q, k and v are fake-quantized in one op call on the qkv
+along dim 1). ``QViTConfig.weight_grouping="transposed"`` reproduces the
+released research code instead, which groups the transposed axis (input
+columns of W_q/W_k/W_v, output rows of W_proj; not head-aligned). The qkv
+weight quantizer stands for three (W_q, W_k, W_v: ``units=3``). q, k and v are fake-quantized in one op call on the qkv
 output viewed as ``[B*N, 3H, d]`` (contiguous, no copies), with the three
 quantizers' bit and scale tables concatenated.
 
@@ -25,11 +27,61 @@ import torch
 from torch import Tensor, nn
 
 from .config import QuantizerConfig
-from .quantizer import Quantizer, fused_fake_quant
+from .quantizer import Quantizer, fused_fake_quant, fused_ok
+from . import functional as QF
 from ._adopt import adopt, to_float
 from .linear import BitsFn, QLinear, group_bits
 
-__all__ = ["QAttention", "QWindowAttention"]
+__all__ = ["QAttention", "QWindowAttention", "QKVColumnGroups"]
+
+
+class QKVColumnGroups(QLinear):
+    """The fused qkv linear with the research code's weight grouping.
+
+    Group ``(s, h)`` of the ``[3C, C_in]`` weight is the ``h``-th block of
+    ``C_in / H`` **input columns** of W_s (s = q, k, v), 3H groups; the
+    quantizer sees the weight as ``[C, 3H, C_in / H]`` (``dim=1``), a copy.
+    BitOPs: ``C * sum_s sum_j b_w[s, j] b_a[j]`` per position.
+    """
+
+    heads: int
+
+    def weight_to_groups(self, w: Tensor) -> Tensor:
+        """``[3C, C_in]`` -> ``[C, 3H, C_in / H]`` (group index ``s*H + h``)."""
+        c3, cin = w.shape
+        return w.reshape(3, c3 // 3, self.heads, cin // self.heads).transpose(0, 1).reshape(
+            c3 // 3, 3 * self.heads, cin // self.heads)
+
+    def weight_from_groups(self, wg: Tensor) -> Tensor:
+        c, _, dd = wg.shape
+        return wg.reshape(c, 3, self.heads * dd).transpose(0, 1).reshape(3 * c, self.heads * dd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.positions = x.numel() // self.in_features
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        w = self.weight
+        if self.weight_quant is not None:
+            w = self.weight_from_groups(self.weight_quant(self.weight_to_groups(w)))
+        return torch.nn.functional.linear(x, w, self.bias)
+
+    @torch.no_grad()
+    def init_weight_quantizers(self) -> None:
+        if self.weight_quant is not None and self.weight_quant.enabled:
+            self.weight_quant.init_from(self.weight_to_groups(self.weight))
+
+    def _col_bits(self, bits_of: BitsFn) -> Tensor:
+        """Weight bits ``[3, C_in]`` of every (W_s, input column)."""
+        bw = group_bits(bits_of, self.weight_quant, 3 * self.heads, self.weight)
+        return bw.reshape(3, self.heads).repeat_interleave(self.in_features // self.heads, dim=1)
+
+    def qvit_bitops(self, bits_of: BitsFn) -> Tensor:
+        ba = group_bits(bits_of, self.act_quant, self.in_features, self.weight)
+        c = self.out_features // 3
+        return c * (self._col_bits(bits_of) * ba).sum() * self.positions
+
+    def qvit_size(self, bits_of: BitsFn) -> Tensor:
+        return self._col_bits(bits_of).sum() * (self.out_features // 3)
 
 
 class _QAttentionBase(nn.Module):
@@ -44,10 +96,12 @@ class _QAttentionBase(nn.Module):
     def from_attention(cls, attn: nn.Module, *, weight: Optional[QuantizerConfig],
                        act: Optional[QuantizerConfig], attn_cfg: Optional[QuantizerConfig],
                        probs: Optional[QuantizerConfig], head_wise: bool = False,
-                       quantize_qkv: bool = True, quantize_proj: bool = True):
+                       quantize_qkv: bool = True, quantize_proj: bool = True,
+                       weight_grouping: str = "head"):
         """Wrap a timm attention module; ``None`` configs leave that site in float.
 
         ``quantize_qkv`` / ``quantize_proj`` False keep those linears plain float.
+        ``weight_grouping``: see :class:`~qvit.nn.config.QViTConfig`.
         """
         self = cls.__new__(cls)
         nn.Module.__init__(self)
@@ -71,18 +125,31 @@ class _QAttentionBase(nn.Module):
         w_att = gran(weight)
         a_att = gran(attn_cfg)
         p_att = gran(probs)
+        transposed = (weight_grouping == "transposed" and w_att is not None
+                      and w_att.granularity == "head")
         if quantize_qkv:
             wg = None
             if w_att is not None:
                 wg = {"head": 3 * heads, "tensor": 3, "channel": qkv.out_features}[w_att.granularity]
             a_in = act.replace(granularity="tensor") if act is not None and act.granularity == "head" else act
-            self.qkv = QLinear.from_linear(qkv, w_att, a_in, weight_groups=wg, weight_dim=0)
+            if transposed:
+                if qkv.in_features % heads:
+                    raise ValueError(f"qkv.in_features={qkv.in_features} is not divisible by "
+                                     f"num_heads={heads} (weight_grouping='transposed')")
+                self.qkv = QKVColumnGroups.from_linear(qkv, None, a_in)
+                self.qkv.heads = heads
+                self.qkv.weight_quant = Quantizer(w_att, 3 * heads, 1, role="weight",
+                                                  device=dev, units=3)
+                self.qkv.weight_dim = 1
+            else:
+                self.qkv = QLinear.from_linear(qkv, w_att, a_in, weight_groups=wg, weight_dim=0,
+                                               weight_units=3)
         else:
             self.qkv = qkv
         if quantize_proj:
             wg, wdim = None, 0
             if w_att is not None and w_att.granularity == "head":
-                wg, wdim = heads, 1
+                wg, wdim = heads, (0 if transposed else 1)
             ag = None
             if a_att is not None:
                 ag = {"head": heads, "tensor": 1, "channel": proj.in_features}[a_att.granularity]
@@ -115,6 +182,37 @@ class _QAttentionBase(nn.Module):
             return qkv
         view = qkv.reshape(n_rows, 3 * self.num_heads_q, self.head_dim_q)
         return fused_fake_quant(view, qs, dim=1)
+
+    def _fused_args(self, qkv: Tensor, n_rows: int):
+        """Arguments of :func:`qvit.nn.functional.qattention`, or None when the
+        composite path must run (reference op, a quantizer not ready, tables
+        of different shapes, attention dropout)."""
+        qs = (self.q_quant, self.k_quant, self.v_quant)
+        p = self.attn_quant
+        if not fused_ok() or any(q is None or not q.ready() for q in qs):
+            return None
+        if p is not None and not (p.ready() or not p.enabled):
+            return None
+        q0 = qs[0]
+        if any(q.scale.shape != q0.scale.shape or q.groups != q0.groups
+               or (q.offset is None) != (q0.offset is None) or q.signed != q0.signed
+               or q.bits_range != q0.bits_range for q in qs):
+            return None
+        if self.training and getattr(self.attn_drop, "p", 0.0) > 0:
+            return None
+        H, d = self.num_heads_q, self.head_dim_q
+        b_, n = n_rows // qkv.shape[1], qkv.shape[1]
+        like = torch.empty_strided((n_rows, H, d), (0, 0, 0), dtype=qkv.dtype, device=qkv.device)
+        for q in qs:
+            q.last_numel = n_rows * H * d
+        args = [q.args_for(like) for q in qs]
+        pargs = None
+        if p is not None:
+            p.last_numel = b_ * H * n * n
+            if p.enabled:
+                pargs = p.args_for(torch.empty_strided((b_, H, n, n), (0, 0, 0, 0),
+                                                       dtype=qkv.dtype, device=qkv.device))
+        return args, pargs
 
     def _maybe(self, q: Optional[Quantizer], x: Tensor) -> Tensor:
         return q(x) if q is not None else x
@@ -166,6 +264,11 @@ class QAttention(_QAttentionBase):
         k_norm = getattr(self, "k_norm", None)
         plain = ((q_norm is None or isinstance(q_norm, nn.Identity))
                  and (k_norm is None or isinstance(k_norm, nn.Identity)))
+        fused = (self._fused_args(qkv, B * N) if plain and attn_mask is None and not is_causal
+                 else None)
+        if fused is not None:
+            x = QF.qattention(qkv, H, self.scale, None, None, *fused)
+            return self._out(x, B, N, gate)
         if plain:
             qkv = self._quant_qkv(qkv, B * N)
         q, k, v = qkv.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
@@ -179,7 +282,11 @@ class QAttention(_QAttentionBase):
         attn = attn.softmax(dim=-1)
         attn = self.attn_drop(attn)
         attn = self._maybe(self.attn_quant, attn)
-        x = attn @ v
+        return self._out(attn @ v, B, N, gate)
+
+    def _out(self, x: Tensor, B: int, N: int, gate: Optional[Tensor]) -> Tensor:
+        """``[B, H, N, d]`` attention output through norm, gate, proj and dropout."""
+        H, d = self.num_heads_q, self.head_dim_q
         x = x.transpose(1, 2).reshape(B, N, H * d)
         norm = getattr(self, "norm", None)
         if norm is not None:
@@ -206,7 +313,14 @@ class QWindowAttention(_QAttentionBase):
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         B_, N, _ = x.shape
         H, d = self.num_heads_q, self.head_dim_q
-        qkv = self._quant_qkv(self.qkv(x), B_ * N)
+        qkv = self.qkv(x)
+        fused = self._fused_args(qkv, B_ * N)
+        if fused is not None:
+            x = QF.qattention(qkv, H, self.scale, self._rel_pos_bias(), mask, *fused)
+            x = self.proj_drop(self.proj(x.transpose(1, 2).reshape(B_, N, H * d)))
+            self.attn_shape = (B_, H, N, d)
+            return x
+        qkv = self._quant_qkv(qkv, B_ * N)
         q, k, v = qkv.reshape(B_, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
         q = q * self.scale
         attn = q @ k.transpose(-2, -1)

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import QuantizerConfig
-from .quantizer import Quantizer
+from .quantizer import Quantizer, fused_ok
+from . import functional as QF
 from ._adopt import adopt, to_float
 
 __all__ = ["QLinear", "QConv2d", "FLOAT_BITS", "group_bits"]
@@ -34,6 +35,10 @@ def group_bits(bits_of: BitsFn, q: Optional[Quantizer], size: int, ref: Tensor) 
     if b is None:
         return torch.full((size,), FLOAT_BITS, dtype=torch.float32, device=ref.device)
     return b.repeat_interleave(size // b.numel())
+
+
+def _args(q: Optional[Quantizer], x: Tensor):
+    return None if q is None else q.kernel_args(x)
 
 
 def _groups_for(cfg: QuantizerConfig, channels: int) -> int:
@@ -62,11 +67,12 @@ class QLinear(nn.Linear):
     def from_linear(cls, linear: nn.Linear, wcfg: Optional[QuantizerConfig],
                     acfg: Optional[QuantizerConfig], *, weight_groups: Optional[int] = None,
                     weight_dim: int = 0, act_groups: Optional[int] = None,
-                    first_last: bool = False) -> "QLinear":
+                    first_last: bool = False, weight_units: int = 1) -> "QLinear":
         """Wrap ``linear`` (same weight/bias Parameters). ``None`` config = leave that operand float.
 
         ``weight_groups`` / ``act_groups`` default to the granularity of the config
         (``"channel"``: one group per output row / input channel, else one).
+        ``weight_units``: quantizers the weight quantizer stands for (3 for a fused qkv).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
@@ -80,7 +86,8 @@ class QLinear(nn.Linear):
             g = weight_groups if weight_groups is not None else _groups_for(wcfg, size)
             if size % g:
                 raise ValueError(f"weight_groups={g} does not divide {size}")
-            wq = Quantizer(wcfg, g, weight_dim, first_last, role="weight", device=dev)
+            wq = Quantizer(wcfg, g, weight_dim, first_last, role="weight", device=dev,
+                           units=weight_units)
         if acfg is not None:
             g = act_groups if act_groups is not None else _groups_for(acfg, linear.in_features)
             if linear.in_features % g:
@@ -99,6 +106,9 @@ class QLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         self.positions = x.numel() // self.in_features
+        if fused_ok():   # one autograd node that keeps only the float x
+            return QF.qlinear(x, self.weight, self.bias, _args(self.act_quant, x),
+                              _args(self.weight_quant, self.weight))
         if self.act_quant is not None:
             x = self.act_quant(x)
         w = self.weight
@@ -164,6 +174,12 @@ class QConv2d(nn.Conv2d):
         return to_float(self)
 
     def forward(self, x: Tensor) -> Tensor:
+        if fused_ok() and self.padding_mode == "zeros" and not isinstance(self.padding, str):
+            y = QF.qconv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                           self.groups, _args(self.act_quant, x),
+                           _args(self.weight_quant, self.weight))
+            self.positions = y.numel() // self.out_channels
+            return y
         if self.act_quant is not None:
             x = self.act_quant(x)
         w = self.weight

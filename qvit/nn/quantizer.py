@@ -1,24 +1,29 @@
 """The Q-ViT quantizer module: learned bits, switchable scale table, optional offset.
 
 One :class:`Quantizer` holds the state of one quantization site (Li et al.,
-"Q-ViT", arXiv 2201.07703, sections 1-3 of ``reference/method.md``):
+"Q-ViT", arXiv 2201.07703, ``docs/design.md`` section 2):
 
 * ``bits [G]``: continuous bit-width per group (learned or fixed);
 * ``scale [Gs, K]``: one step size per candidate bit-width (``K = max - min + 1``),
-  per group (``Gs = G``) or shared (``Gs = 1``); the active entry follows the
-  rounded bit-width;
+  per group (``Gs = G``) or one per quantizer shared by its groups (``Gs = U``,
+  the number of quantizers the module stands for: 3 for the fused W_q/W_k/W_v,
+  else 1); the active entry follows the rounded bit-width;
 * ``offset [Gs, K]``: LSQ+ offset table (only with ``offset=True``).
 
 Every table entry is initialised by the MSE fixed point for its own bit-width
 (``q = round(clamp(x/s)); s <- <x,q>/<q,q>``; with offset alternating
-``beta <- mean(x - s q)``, starting from ``beta = min(x)``), itself started from
-the best point of a grid of clipping ratios (see :func:`mse_fit`), on the
-weights or on pooled calibration batches (lazily on the first input otherwise).
+``beta <- mean(x - s q)``, starting from ``beta = min(x)``), on the weights or
+on pooled calibration batches (lazily on the first input otherwise). Two
+starts (``QuantizerConfig.init``): ``"grid"``, the best point of a grid of
+clipping ratios then a few iterations on a subsample, per table row
+(:func:`mse_fit`); ``"official"``, the research code's ``max|x|/Qp`` start
+iterated to convergence on every element of each quantizer (:func:`official_fit`).
 The arithmetic is :func:`qvit.ops.fake_quant` (the pure-PyTorch reference when
 the compiled extension cannot be imported).
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -28,7 +33,7 @@ from .. import ops
 from ..ops import contract
 from .config import QuantizerConfig
 
-__all__ = ["Quantizer", "ste_bits", "mse_fit", "fused_fake_quant", "fake_quant"]
+__all__ = ["Quantizer", "ste_bits", "mse_fit", "official_fit", "fused_fake_quant", "fake_quant"]
 
 # The MSE fits see at most this many elements per quantizer (a random subset of
 # positions, the same for every group; at least _MIN_ROW per group): tens of
@@ -38,6 +43,9 @@ _MAX_SAMPLES = 1 << 14
 _MIN_ROW = 256
 _MAX_ITERS = 10
 _REL_TOL = 1e-5
+# official_fit has no iteration cap in the research code; the fixed point of a
+# Lloyd iteration settles in tens of steps, this only guards against a cycle.
+_OFFICIAL_MAX_ITERS = 10000
 
 
 _BACKEND = None
@@ -46,6 +54,12 @@ _BACKEND = None
 def fake_quant(x, scale, bits, offset=None, **kw):
     """:func:`qvit.ops.fake_quant`, or the pure-PyTorch reference (same contract)
     when the compiled extension is not importable (warned once)."""
+    if _BACKEND is None:
+        _resolve_backend()
+    return _BACKEND(x, scale, bits, offset, **kw)
+
+
+def _resolve_backend():
     global _BACKEND
     if _BACKEND is None:
         info = ops.backend_info() if hasattr(ops, "backend_info") else {"c_loaded": True}
@@ -57,7 +71,14 @@ def fake_quant(x, scale, bits, offset=None, **kw):
             warnings.warn("qvit._C is not available (%s); quantizers run on the pure-PyTorch "
                           "reference op" % info.get("c_import_error"), RuntimeWarning, stacklevel=3)
             _BACKEND = reference.fake_quant
-    return _BACKEND(x, scale, bits, offset, **kw)
+
+
+def fused_ok() -> bool:
+    """True when quantizers run on the compiled kernels (not the reference op),
+    so layers may use the fused functions of :mod:`qvit.nn.functional`."""
+    if _BACKEND is None:
+        _resolve_backend()
+    return _BACKEND is ops.fake_quant
 
 
 def ste_bits(bits: Tensor, bits_range: Tuple[int, int]) -> Tensor:
@@ -138,6 +159,78 @@ def mse_fit(x: Tensor, bits: int, signed: bool, offset: bool) -> Tuple[Tensor, T
     return s, beta
 
 
+def _qrange(bits: int, signed: bool) -> Tuple[float, float]:
+    if signed:
+        return -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
+    return 0.0, 2.0 ** bits - 1
+
+
+def _official_row(xs: Tensor, prefix: Tensor, qn: float, qp: float,
+                  offset: bool) -> Tuple[float, float]:
+    """:func:`official_fit` of one sorted float64 row ``xs`` (``prefix``: its cumulative sums).
+
+    ``q = round(clamp((x - beta)/s))`` takes level ``k`` on the run of sorted
+    ``x`` between the edges ``beta + (k -+ 1/2) s``, so ``<x - beta, q>``,
+    ``<q, q>`` and ``mean(x - s q)`` are sums over levels of prefix-sum
+    differences: each step costs ``O(2^b log M)``, not ``O(M)``.
+    """
+    m = xs.numel()
+    levels = torch.arange(qn, qp + 1, dtype=xs.dtype)
+    beta = float(xs[0]) if offset else 0.0
+    s = max(abs(float(xs[0]) - beta), abs(float(xs[-1]) - beta)) / qp
+    if not (s > 0 and math.isfinite(s)):
+        return 1.0, 0.0
+    total = float(prefix[-1])
+    for _ in range(_OFFICIAL_MAX_ITERS):
+        edges = (levels[:-1] + 0.5) * s + beta
+        cut = torch.searchsorted(xs, edges)  # x >= edge rounds up (ties: measure zero)
+        bounds = torch.cat([cut.new_zeros(1), cut, cut.new_full((1,), m)])
+        counts = (bounds[1:] - bounds[:-1]).to(xs.dtype)
+        sums = prefix[bounds[1:]] - prefix[bounds[:-1]]
+        qq = float((levels * levels * counts).sum())
+        if qq <= 0:
+            break
+        xq = float((levels * sums).sum()) - beta * float((levels * counts).sum())
+        s_new = xq / qq
+        if offset:
+            beta = (total - s * float((levels * counts).sum())) / m
+        if not (s_new > 0 and math.isfinite(s_new)):
+            break
+        done = abs(s_new - s) / s_new < _REL_TOL
+        s = s_new
+        if done:
+            break
+    return s, beta
+
+
+@torch.no_grad()
+def official_fit(x: Tensor, bits: int, signed: bool, offset: bool) -> Tuple[Tensor, Tensor]:
+    """The research code's MSE fit of every row of ``x [R, M]`` at ``bits`` (in float64).
+
+    Without offset: ``s = max|x| / Qp``, then ``q = round(clamp(x/s, Qn, Qp))``,
+    ``s <- <x, q> / <q, q>`` until ``|s - s_old| / s < 1e-5``. With offset:
+    ``beta = min(x)``, ``s = max|x - beta| / Qp``, then each step
+    ``q = round(clamp((x - beta)/s))``, ``beta' = mean(x - s q)`` (old ``s``),
+    ``s <- <x - beta, q> / <q, q>`` (old ``beta``), ``beta <- beta'``. The
+    iteration creeps (hundreds of steps from the full range), so each step is
+    computed from the sorted row's prefix sums (same sums, another order).
+    A row with no spread gets scale 1, offset 0.
+
+    Returns:
+        ``(scale [R], offset [R])`` in ``x``'s float type; zero offsets without ``offset``.
+    """
+    qn, qp = _qrange(bits, signed)
+    out_s, out_b = [], []
+    for row in x.detach().double().cpu():
+        xs = torch.sort(row).values
+        prefix = torch.cat([xs.new_zeros(1), torch.cumsum(xs, 0)])
+        s, b = _official_row(xs, prefix, qn, qp, offset)
+        out_s.append(s)
+        out_b.append(b if offset else 0.0)
+    kw = dict(dtype=x.dtype, device=x.device)
+    return torch.tensor(out_s, **kw), torch.tensor(out_b, **kw)
+
+
 class Quantizer(nn.Module):
     """Learnable fake quantizer of one site.
 
@@ -147,6 +240,10 @@ class Quantizer(nn.Module):
         dim: the dimension of the input split into ``G`` equal contiguous groups.
         first_last: marks a patch-embed / classifier quantizer (for budgets and reports).
         role: ``"weight"`` (initialised from the weight) or ``"act"`` (from data).
+        units: how many quantizers of the research code this one stands for
+            (``G % units == 0``, consecutive groups): 3 for the fused W_q/W_k/W_v
+            weight. With ``shared_scale`` each unit gets one table; the
+            official init fits each unit on its own.
 
     Shapes: ``x`` of any shape with ``x.shape[dim] % G == 0``; output like ``x``.
 
@@ -157,12 +254,15 @@ class Quantizer(nn.Module):
     """
 
     def __init__(self, config: QuantizerConfig, groups: int = 1, dim: int = 0,
-                 first_last: bool = False, role: str = "act", device=None):
+                 first_last: bool = False, role: str = "act", device=None, units: int = 1):
         super().__init__()
         if not isinstance(config, QuantizerConfig):
             raise TypeError(f"config must be a QuantizerConfig, got {type(config).__name__}")
         if not isinstance(groups, int) or groups < 1:
             raise ValueError(f"groups must be a positive int, got {groups!r}")
+        if not isinstance(units, int) or units < 1 or groups % units:
+            raise ValueError(f"units must be a positive int dividing groups={groups}, got {units!r}")
+        self.units = units
         self.config = config
         self.groups = groups
         self.dim = dim
@@ -175,7 +275,7 @@ class Quantizer(nn.Module):
         self.role = role
         self.enabled = config.enabled
         k = config.num_scales
-        gs = 1 if config.shared_scale else groups
+        gs = units if config.shared_scale else groups
         dd = dict(device=device, dtype=torch.float32)
         self.bits = nn.Parameter(torch.full((groups,), config.bits, **dd),
                                  requires_grad=config.learn_bits)
@@ -208,11 +308,17 @@ class Quantizer(nn.Module):
         """Rounded bit-widths ``[G]`` with the straight-through gradient to ``bits``."""
         return ste_bits(self.bits, self.bits_range)
 
+    def _expand(self, table: Optional[Tensor]) -> Optional[Tensor]:
+        """A ``[Gs, K]`` table as the op takes it: ``[1, K]`` or ``[G, K]``."""
+        if table is None or table.shape[0] in (1, self.groups):
+            return table
+        return table.repeat_interleave(self.groups // table.shape[0], dim=0)
+
     def expanded_tables(self) -> Tuple[Tensor, Optional[Tensor]]:
         """``scale`` (and ``offset``) as ``[G, K]`` tables, for fusing quantizers in one call."""
         g, k = self.groups, self.scale.shape[1]
-        s = self.scale.expand(g, k)
-        o = self.offset.expand(g, k) if self.offset is not None else None
+        s = self._expand(self.scale).expand(g, k)
+        o = self._expand(self.offset).expand(g, k) if self.offset is not None else None
         return s, o
 
     @torch.no_grad()
@@ -236,14 +342,23 @@ class Quantizer(nn.Module):
         return self
 
     # ------------------------------------------------------------------ init
+    @property
+    def _official(self) -> bool:
+        return self.config.init == "official"
+
+    def _fit_units(self) -> int:
+        """Rows fitted at initialisation: one per unit (official) or per table row (grid)."""
+        return self.units if self._official else self.scale.shape[0]
+
     def _grouped(self, x: Tensor) -> Tensor:
-        """``x`` as ``[Gs, M]`` rows, one per scale-table row, sub-sampled."""
+        """``x`` as ``[R, M]`` rows, one per fit (see ``_fit_units``); sub-sampled for ``grid``."""
         x = x.detach()
         outer, g, inner = contract.group_shape(x.shape, self.dim, self.groups)
         xv = x.reshape(outer, g, inner).transpose(0, 1).reshape(g, outer * inner)
-        if self.scale.shape[0] == 1:
-            xv = xv.reshape(1, -1)
-        return _subsample(xv).float()
+        r = self._fit_units()
+        if r != g:
+            xv = xv.reshape(r, -1)
+        return xv.float() if self._official else _subsample(xv).float()
 
     @torch.no_grad()
     def init_from(self, x: Tensor) -> "Quantizer":
@@ -269,11 +384,13 @@ class Quantizer(nn.Module):
     def _fit_rows(self, rows: Tensor) -> None:
         lo, hi = self.bits_range
         use_offset = self.offset is not None
+        fit = official_fit if self._official else mse_fit
+        rep = self.scale.shape[0] // rows.shape[0]
         for j, b in enumerate(range(lo, hi + 1)):
-            s, beta = mse_fit(rows, b, self.signed, use_offset)
-            self.scale[:, j].copy_(s.to(self.scale.dtype))
+            s, beta = fit(rows, b, self.signed, use_offset)
+            self.scale[:, j].copy_(s.to(self.scale.dtype).repeat_interleave(rep))
             if use_offset:
-                self.offset[:, j].copy_(beta.to(self.offset.dtype))
+                self.offset[:, j].copy_(beta.to(self.offset.dtype).repeat_interleave(rep))
         self.scale_floor.copy_((self.scale * 1e-4).clamp_min(1e-8))
         self.initialized.fill_(True)
         self._is_init = True
@@ -295,7 +412,8 @@ class Quantizer(nn.Module):
         samples, self._samples = self._samples, []
         if not samples:
             return False
-        self._fit_rows(_subsample(torch.cat(samples, dim=1)))
+        rows = torch.cat(samples, dim=1)
+        self._fit_rows(rows if self._official else _subsample(rows))
         return True
 
     def prepare(self, x: Tensor) -> bool:
@@ -313,13 +431,44 @@ class Quantizer(nn.Module):
     # --------------------------------------------------------------- forward
     def quantize(self, x: Tensor) -> Tensor:
         """The fake-quant op alone (no initialisation, ignores ``enabled``)."""
-        return fake_quant(x, self.scale, self.bits, self.offset, signed=self.signed,
-                              dim=self.dim, bits_range=self.bits_range)
+        return fake_quant(x, self._expand(self.scale), self.bits, self._expand(self.offset),
+                          signed=self.signed, dim=self.dim, bits_range=self.bits_range)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.prepare(x):
             return x
         return self.quantize(x)
+
+    def kernel_args(self, x: Tensor) -> Optional[tuple]:
+        """``(scale, bits, offset, (dim, signed, min, max, lsq))`` for the fused
+        quantize-then-matmul functions of :mod:`qvit.nn.functional`, or ``None``
+        when ``x`` passes unquantized (disabled, observing). Runs :meth:`prepare`.
+        """
+        if not self.prepare(x):
+            return None
+        return self.args_for(x)
+
+    def ready(self) -> bool:
+        """Quantizing, initialised and not observing: :meth:`args_for` may be used
+        without :meth:`prepare` (the input need not exist yet)."""
+        return self.enabled and self._is_init and not self._observing
+
+    def args_for(self, like: Tensor) -> tuple:
+        """The tables and kernel arguments for inputs shaped like ``like`` (whose
+        data is not read). The full argument check of :func:`qvit.ops.fake_quant`
+        runs once per shape, dtype and device (the tables' shapes never change)."""
+        if torch.compiler.is_compiling():   # traced once per graph: no cache to keep
+            return self.scale, self.bits, self.offset, self._check(like)
+        key = (like.shape, like.dtype, like.device)
+        cached = self.__dict__.get("_kcfg")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_kcfg"] = (key, self._check(like))
+        return self.scale, self.bits, self.offset, cached[1]
+
+    def _check(self, x: Tensor) -> tuple:
+        bmin, bmax, lsq = ops.torch_ops._validate(x, self.scale, self.bits, self.offset,
+                                                  self.signed, self.dim, self.bits_range, None)
+        return int(self.dim), self.signed, bmin, bmax, lsq
 
     def extra_repr(self) -> str:
         b = self.rounded_bits().to(torch.int64).tolist()
@@ -329,8 +478,8 @@ class Quantizer(nn.Module):
                  "signed" if self.signed else "unsigned", self.granularity]
         if self.groups > 1:
             parts.append(f"groups={self.groups}")
-            if self.scale.shape[0] == 1:
-                parts.append("shared_scale")
+            if self.scale.shape[0] < self.groups:
+                parts.append("shared_scale" if self.units == 1 else f"shared_scale({self.units})")
         if self.offset is not None:
             parts.append("offset")
         if not self.enabled:

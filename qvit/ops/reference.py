@@ -13,7 +13,7 @@ Two independent implementations live here:
   bounds so the bit-width receives gradient) and lets autograd derive the
   backward. It is float64-capable and is what ``gradcheck`` runs on.
 * :func:`fake_quant_forward` / :func:`fake_quant_backward` state the closed
-  forms of the op contract (docs/design.md) directly. They pin the numerics every kernel must
+  forms of the op contract (docs/design.md section 2) directly. They pin the numerics every kernel must
   reproduce:
 
   - rounding is round-half-to-even (``torch.round``);

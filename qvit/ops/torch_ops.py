@@ -13,7 +13,7 @@ Three layers live here, and this is the only Python file that touches
   ``qvit._C`` through DLPack) and fake kernels, so ``torch.compile`` traces them without
   graph breaks;
 * an ``autograd.Function`` outside the ops (measured cheaper than registering
-  autograd on the op; see docs/design.md);
+  autograd on the op);
 * :func:`fake_quant`, the public entry point, which validates its arguments in
   Python before anything reaches the dispatcher.
 
@@ -77,6 +77,31 @@ def _to_c_opt(t):
     return None if t is None else _to_c(t)
 
 
+# CUDA runtime errors cudaGetDeviceCount reports on machines without a usable GPU
+_CUDA_ERRORS = {
+    3: ("cudaErrorInitializationError", "the CUDA driver could not be initialised"),
+    34: ("cudaErrorStubLibrary", "a stub CUDA driver library is installed, not a real driver"),
+    35: ("cudaErrorInsufficientDriver", "no CUDA driver, or one older than the CUDA runtime "
+         "qvit was built with"),
+    100: ("cudaErrorNoDevice", "no CUDA device"),
+    101: ("cudaErrorInvalidDevice", "no valid CUDA device (check CUDA_VISIBLE_DEVICES)"),
+    999: ("cudaErrorUnknown", "unknown CUDA error"),
+}
+
+
+def _cuda_status(loaded: bool) -> tuple:
+    """``(devices >= 0, readable status)`` from the binding's device count."""
+    if not loaded:
+        return 0, "qvit._C is not loaded"
+    if not _C.cuda_built():
+        return 0, "CUDA kernels not compiled in (built with QVIT_CUDA=0 or without nvcc)"
+    n = int(_C.cuda_device_count())
+    if n >= 0:
+        return n, f"ok ({n} device{'s' if n != 1 else ''})" if n else "no CUDA device"
+    name, what = _CUDA_ERRORS.get(-n, (f"CUDA error {-n}", "the CUDA runtime reported an error"))
+    return 0, f"{what} ({name})"
+
+
 def backend_info() -> dict:
     """Which backend :func:`fake_quant` runs on.
 
@@ -84,16 +109,20 @@ def backend_info() -> dict:
         A dict with ``c_loaded`` (``qvit._C`` imported), ``c_import_error``
         (the import error text, or ``None``), ``cuda_built`` (the CUDA kernels
         were compiled in), ``cuda_devices`` (devices the CUDA runtime sees,
-        ``<= 0`` without a GPU or driver) and ``exchange_api`` (the torch
+        0 without a GPU or driver), ``cuda_status`` (readable: ``"ok (1
+        device)"``, or why there is none, e.g. ``"no CUDA driver, ...
+        (cudaErrorInsufficientDriver)"``) and ``exchange_api`` (the torch
         attribute used to pass tensors into C, or ``"to_dlpack"`` when torch
         has no DLPack C exchange API).
     """
     loaded = _C is not None
+    devices, status = _cuda_status(loaded)
     return {
         "c_loaded": loaded,
         "c_import_error": _C_IMPORT_ERROR,
         "cuda_built": bool(_C.cuda_built()) if loaded else False,
-        "cuda_devices": int(_C.cuda_device_count()) if loaded else 0,
+        "cuda_devices": devices,
+        "cuda_status": status,
         "exchange_api": (_EXCHANGE_API or "to_dlpack") if loaded else None,
     }
 
@@ -250,28 +279,36 @@ def _direct(*tensors) -> bool:
     return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
+def fq_forward(x, scale, bits, offset, dim, signed, bits_min, bits_max):
+    """The forward kernel on validated arguments: the Python impl directly in
+    plain eager mode, the ``qvit::fq_forward`` op otherwise (no autograd)."""
+    if _direct(x, scale, bits, offset):
+        return _fq_forward_impl(x, scale, bits, offset, dim, signed, bits_min, bits_max)
+    return _fq_forward_op(x, scale, bits, offset, dim, signed, bits_min, bits_max)
+
+
+def fq_backward(grad_y, x, scale, bits, offset, dim, signed, bits_min, bits_max, lsq):
+    """The backward kernel on validated arguments (see :func:`fq_forward`):
+    ``(grad_x, grad_scale, grad_bits, grad_offset)``, the last empty without offset."""
+    if _direct(grad_y, x, scale, bits, offset):
+        return _fq_backward_impl(grad_y, x, scale, bits, offset, dim, signed,
+                                 bits_min, bits_max, lsq)
+    return _fq_backward_op(grad_y, x, scale, bits, offset, dim, signed, bits_min, bits_max, lsq)
+
+
 class _FakeQuantFunction(torch.autograd.Function):
     """Saves x and the parameters (no masks); the backward recomputes from x."""
 
     @staticmethod
     def forward(ctx, x, scale, bits, offset, dim, signed, bits_min, bits_max, lsq_grad_scale):
         ctx.save_for_backward(x, scale, bits, offset)
-        ctx.dim = dim
-        ctx.signed = signed
-        ctx.bits_min = bits_min
-        ctx.bits_max = bits_max
-        ctx.lsq_grad_scale = lsq_grad_scale
-        fwd = _fq_forward_impl if _direct(x, scale, bits, offset) else _fq_forward_op
-        return fwd(x, scale, bits, offset, dim, signed, bits_min, bits_max)
+        ctx.args = (dim, signed, bits_min, bits_max, lsq_grad_scale)
+        return fq_forward(x, scale, bits, offset, dim, signed, bits_min, bits_max)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, scale, bits, offset = ctx.saved_tensors
-        bwd = _fq_backward_impl if _direct(grad_y, x, scale, bits, offset) else _fq_backward_op
-        gx, gs, gb, go = bwd(
-            grad_y, x, scale, bits, offset, ctx.dim, ctx.signed,
-            ctx.bits_min, ctx.bits_max, ctx.lsq_grad_scale,
-        )
+        gx, gs, gb, go = fq_backward(grad_y, x, scale, bits, offset, *ctx.args)
         need = ctx.needs_input_grad
         return (
             gx if need[0] else None,

@@ -141,27 +141,51 @@ def cmd_train(argv: List[str]) -> int:
 
 
 # ------------------------------------------------------------- eval/report
-def _load_model(path: str, device: Optional[str] = None):
-    from ..models import checkpoint as ckpt_io
-    from ..models.recipe import model_from_checkpoint
+def _is_export(path: str) -> bool:
+    from ..models.export import ExportError, read_config
 
-    ck = ckpt_io.load(path)
-    model = model_from_checkpoint(ck, path)
-    return model, ck
+    if not (path.endswith(".safetensors") and os.path.isfile(path)):
+        return False
+    try:
+        read_config(path)
+    except ExportError:
+        return False  # a plain safetensors file: the checkpoint path explains
+    return True
+
+
+def _load_model(path: str):
+    """``(model, recipe)`` of a qvit checkpoint (.pth) or export (.safetensors).
+
+    The model carries its recipe and evaluation transform; ``recipe`` is
+    ``{"model_info": ..., "quant": ...}`` (``quant`` None for a float model).
+    """
+    from ..models.recipe import describe
+
+    if _is_export(path):
+        from ..models.export import load_exported
+
+        model = load_exported(path)
+    else:
+        from ..models import checkpoint as ckpt_io
+        from ..models.recipe import model_from_checkpoint
+
+        model = model_from_checkpoint(ckpt_io.load(path), path)
+    info, quant = describe(model)
+    return model, {"model_info": info, "quant": quant}
 
 
 def cmd_eval(args) -> int:
-    from .data import LoaderConfig, create_loader, eval_folder
     from ..models.recipe import input_size
+    from .data import LoaderConfig, create_loader, eval_folder
     from .evaluate import evaluate, resolve_device
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     split = eval_folder(args.data)
-    model, ck = _load_model(args.checkpoint)
+    model, _ = _load_model(args.checkpoint)
     device = resolve_device(args.device)
     model.to(device)
-    a = ck.get("args") or {}
+    a = model.__dict__.get("qvit_data") or {}
     c, h, _ = input_size(model)
     cfg = LoaderConfig(img_size=h, batch_size=args.batch_size, workers=args.workers,
                        in_chans=c, mean=tuple(a.get("mean", (0.485, 0.456, 0.406))),
@@ -185,10 +209,15 @@ def cmd_report(args) -> int:
     import torch
 
     from ..models.recipe import input_size
-    from ..models.report import plot_bits, report
+    from ..models.report import plot_bits, report, require_matplotlib
 
-    model, ck = _load_model(args.checkpoint)
-    if ck.get("quant") is None:
+    if args.plot:
+        try:
+            require_matplotlib()
+        except ImportError as e:
+            raise CLIError(f"--plot: {e}") from None
+    model, recipe = _load_model(args.checkpoint)
+    if recipe["quant"] is None:
         raise CLIError(f"{args.checkpoint} is a float checkpoint: nothing to report")
     c, h, w = input_size(model)
     with torch.no_grad():  # BitOPs come from the latest forward
@@ -207,10 +236,10 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     from ..models.export import export
 
-    model, ck = _load_model(args.checkpoint)
-    if ck.get("quant") is None:
+    model, recipe = _load_model(args.checkpoint)
+    if recipe["quant"] is None:
         raise CLIError(f"{args.checkpoint} is a float checkpoint: export needs a quantized one")
-    n = export(model, args.out, model_info=ck["model_info"], quant=ck["quant"])
+    n = export(model, args.out)
     print(f"wrote {args.out} ({n} tensors)")
     return 0
 
@@ -232,6 +261,7 @@ def _dispatch(argv: List[str]) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``qvit`` console script; returns the exit code."""
     from ..models.checkpoint import CheckpointError
+    from ..models.export import ExportError
     from .data import DataError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -241,7 +271,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         UsageError = ValueError  # noqa: N806
     try:
         return _dispatch(argv)
-    except (CLIError, DataError, CheckpointError, UsageError) as e:
+    except (CLIError, DataError, CheckpointError, ExportError, UsageError) as e:
         msg = str(e)
         if not msg.startswith(PROG):
             msg = f"{PROG}: error: {msg}"

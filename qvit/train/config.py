@@ -19,7 +19,12 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 from ..models.recipe import UsageError
 
-QUANT_CHOICES = ("none", "lsq_w4a4", "uniform_w3a3", "qvit_mixed")
+from ..nn.config import PRESETS as _PRESETS
+
+QUANT_CHOICES = ("none",) + tuple(_PRESETS)
+# the research code's recipe (DeiT's): these are the defaults of `qvit train DATA`
+OFFICIAL_AA = "rand-m9-mstd0.5-inc1"
+FLOAT_LR_BASE = 5e-4  # DeiT's float training: lr 5e-4 at a total batch of 512
 GROUPS = ("data", "model", "optimisation", "quantization", "run")
 
 
@@ -92,9 +97,22 @@ class TrainConfig:
                                          group="data", type=float, nargs=2)
     hflip: float = setting(0.5, "horizontal flip probability", group="data", type=float)
     color_jitter: float = setting(0.4, "colour jitter strength", group="data", type=float)
-    aa: Optional[str] = setting(None, "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1",
+    aa: Optional[str] = setting(OFFICIAL_AA, "timm auto-augment policy ('none': off)",
                                 group="data")
-    reprob: float = setting(0.0, "random erasing probability", group="data", type=float)
+    reprob: float = setting(0.25, "random erasing probability", group="data", type=float)
+    remode: str = setting("pixel", "random erasing mode (timm: const, rand, pixel)",
+                          group="data", choices=("const", "rand", "pixel"))
+    mixup: float = setting(0.8, "mixup alpha (0: off)", group="data", type=float)
+    cutmix: float = setting(1.0, "cutmix alpha (0: off)", group="data", type=float)
+    mixup_prob: float = setting(1.0, "probability of mixup or cutmix per batch", group="data",
+                                type=float)
+    mixup_switch_prob: float = setting(0.5, "probability of cutmix instead of mixup when both "
+                                       "are on", group="data", type=float)
+    mixup_mode: str = setting("batch", "mixup / cutmix per batch, pair or element",
+                              group="data", choices=("batch", "pair", "elem"))
+    aug_repeats: int = setting(3, "repeated augmentation: each image this many times per "
+                               "epoch, under torchrun (timm's RepeatAugSampler; 0: off)",
+                               group="data", type=int)
 
     # ----------------------------------------------------------------- model
     model: str = setting("deit_tiny_patch16_224", "timm model name", group="model")
@@ -115,7 +133,11 @@ class TrainConfig:
 
     # ---------------------------------------------------------- optimisation
     epochs: int = setting(300, "training epochs", group="optimisation", type=int)
-    lr: float = setting(2e-4, "base learning rate", group="optimisation", type=float)
+    lr: Optional[float] = setting(None, "learning rate (default: --lr-base x total batch / "
+                                  "512)", group="optimisation", type=float)
+    lr_base: Optional[float] = setting(
+        None, "learning rate at a total batch of 512 (default: the preset's: 2e-4 learned "
+        "bits, 5e-4 uniform LSQ and float training)", group="optimisation", type=float)
     opt: str = setting("adamw", "timm optimizer name", group="optimisation")
     momentum: float = setting(0.9, "optimizer momentum (SGD-like optimizers)",
                               group="optimisation", type=float)
@@ -164,6 +186,17 @@ class TrainConfig:
     first_last_bits: Optional[int] = setting(
         None, "bits of the patch embedding and classifier (default: the preset's, 8)",
         group="quantization", type=int)
+    shared_scale: Optional[bool] = setting(
+        None, "one switchable scale table per quantizer, shared by its heads (research "
+        "code; default: the preset's)", group="quantization",
+        action=argparse.BooleanOptionalAction)
+    scale_init: Optional[str] = setting(
+        None, "scale initialisation: qvit's grid start or the research code's (default: the "
+        "preset's)", group="quantization", choices=("grid", "official"))
+    weight_grouping: Optional[str] = setting(
+        None, "head groups of attention weights: real heads or the research code's "
+        "transposed grouping (default: the preset's)", group="quantization",
+        choices=("head", "transposed"))
     bit_lr: float = setting(1.0, "learning-rate multiplier for the bit-widths",
                             group="quantization", type=float)
     scale_lr: float = setting(1.0, "learning-rate multiplier for scales and offsets",
@@ -234,6 +267,26 @@ class TrainConfig:
     def quantized(self) -> bool:
         return self.quant not in (None, "none")
 
+    @property
+    def mixup_active(self) -> bool:
+        return self.mixup_prob > 0 and (self.mixup > 0 or self.cutmix > 0)
+
+    def resolved_lr_base(self) -> float:
+        """``lr_base``, or the research code's for the preset (float: DeiT's 5e-4)."""
+        if self.lr_base is not None:
+            return self.lr_base
+        if not self.quantized:
+            return FLOAT_LR_BASE
+        from ..nn.config import preset_lr_base
+
+        return preset_lr_base(self.quant)
+
+    def resolved_lr(self, world: int = 1) -> float:
+        """``lr``, or ``lr_base * batch_size * world / 512`` (the research code's rule)."""
+        if self.lr is not None:
+            return self.lr
+        return self.resolved_lr_base() * self.batch_size * world / 512.0
+
     def validate(self) -> None:
         """Raise :class:`UsageError` (naming the flag) for a value that cannot work."""
         def need(cond, msg):
@@ -242,8 +295,20 @@ class TrainConfig:
 
         need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
-        need(self.lr > 0 and math.isfinite(self.lr),
-             f"--lr must be a positive number, got {self.lr}")
+        if self.lr is not None:
+            need(self.lr > 0 and math.isfinite(self.lr),
+                 f"--lr must be a positive number, got {self.lr}")
+        if self.lr_base is not None:
+            need(self.lr_base > 0 and math.isfinite(self.lr_base),
+                 f"--lr-base must be a positive number, got {self.lr_base}")
+        for name in ("mixup", "cutmix", "reprob", "smoothing"):
+            need(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("mixup_prob", "mixup_switch_prob", "reprob"):
+            need(getattr(self, name) <= 1, f"--{name.replace('_', '-')} must be a probability "
+                 f"in [0, 1], got {getattr(self, name)}")
+        need(self.aug_repeats >= 0, f"--aug-repeats must be >= 0, got {self.aug_repeats}")
+        need(not (self.mixup_active and self.batch_size % 2),
+             f"--mixup / --cutmix need an even --batch-size, got {self.batch_size}")
         need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         need(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
         need(self.calib_batches >= 1, f"--calib-batches must be >= 1, got {self.calib_batches}")

@@ -127,6 +127,8 @@ class LoaderConfig:
     color_jitter: float = 0.4
     auto_augment: Optional[str] = None
     re_prob: float = 0.0
+    re_mode: str = "const"
+    aug_repeats: int = 0  # repeated augmentation (timm's RepeatAugSampler; distributed only)
 
 
 def _create_dataset(split_dir: str, is_training: bool, in_chans: int):
@@ -138,18 +140,57 @@ def _create_dataset(split_dir: str, is_training: bool, in_chans: int):
                           input_img_mode="L" if in_chans == 1 else "RGB")
 
 
+def _posterize_keep_zero(img, bits_to_keep, **kw):
+    """timm's posterize with 0 bits kept meaning a black image (Pillow < 11's result).
+
+    RandAugment's increasing posterize (the ``inc1`` of the research recipe's
+    ``rand-m9-mstd0.5-inc1``) asks for 0 bits at magnitude 10, which Pillow >= 11
+    rejects with a ValueError, ending the run.
+    """
+    from PIL import ImageOps
+
+    if bits_to_keep <= 0:
+        return ImageOps.posterize(img, 1).point(lambda v: 0)
+    from timm.data import auto_augment
+
+    return auto_augment.posterize(img, bits_to_keep, **kw)
+
+
+def _patch_posterize() -> None:
+    """Route timm's posterize ops through :func:`_posterize_keep_zero` when Pillow rejects 0 bits."""
+    from PIL import Image, ImageOps
+    from timm.data import auto_augment
+
+    try:
+        ImageOps.posterize(Image.new("RGB", (1, 1)), 0)
+        return
+    except ValueError:
+        pass
+    for name, fn in list(auto_augment.NAME_TO_OP.items()):
+        if fn is auto_augment.posterize:
+            auto_augment.NAME_TO_OP[name] = _posterize_keep_zero
+
+
 def create_loader(split_dir: str, cfg: LoaderConfig, *, is_training: bool,
                   device: torch.device, distributed: bool = False, rank: int = 0,
                   world: int = 1, class_map: Optional[dict] = None):
     """A timm loader over one class-per-subfolder split."""
     from timm.data import create_loader as timm_create_loader
 
+    if is_training and cfg.auto_augment and not cfg.no_aug:
+        _patch_posterize()
     dataset = _create_dataset(split_dir, is_training, cfg.in_chans)
     if len(dataset) == 0:
         raise DataError(f"data folder {split_dir!r} holds no readable images")
     if not is_training and distributed:
         dataset = _Shard(dataset, rank, world)
         distributed = False  # sharded by hand: no padding duplicates
+    if is_training and distributed and cfg.aug_repeats and len(dataset) < 256:
+        # timm's RepeatAugSampler (like DeiT's RASampler) keeps len // 256 * 256 / world
+        # images per epoch
+        raise DataError(f"data folder {split_dir!r} has {len(dataset)} images: repeated "
+                        f"augmentation (--aug-repeats {cfg.aug_repeats}) keeps whole multiples "
+                        "of 256 images per epoch, so none; give --aug-repeats 0")
     if is_training and len(dataset) < cfg.batch_size * (world if distributed else 1):
         raise DataError(f"data folder {split_dir!r} has {len(dataset)} images, fewer than one "
                         f"batch ({cfg.batch_size} x {world if distributed else 1} processes)")
@@ -160,6 +201,8 @@ def create_loader(split_dir: str, cfg: LoaderConfig, *, is_training: bool,
         is_training=is_training,
         no_aug=cfg.no_aug,
         re_prob=cfg.re_prob,
+        re_mode=cfg.re_mode,
+        num_aug_repeats=cfg.aug_repeats if is_training and distributed else 0,
         scale=cfg.scale,
         ratio=cfg.ratio,
         hflip=cfg.hflip,

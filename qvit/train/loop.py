@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..models import checkpoint as ckpt_io
-from ..models.recipe import UsageError, apply_quant, create_model, input_size
+from ..models.recipe import UsageError, apply_quant, create_model, data_config, input_size
 from . import distributed as dist_util
 from . import run_dir
 from .config import TrainConfig
@@ -52,6 +52,13 @@ def quant_spec(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
         overrides["head_wise"] = bool(cfg.head_wise)
     if cfg.first_last_bits is not None:
         overrides["first_last_bits"] = int(cfg.first_last_bits)
+    # the differences from the research code (see qvit.nn.config)
+    if cfg.shared_scale is not None:
+        overrides["shared_scale"] = bool(cfg.shared_scale)
+    if cfg.scale_init is not None:
+        overrides["init"] = cfg.scale_init
+    if cfg.weight_grouping is not None:
+        overrides["weight_grouping"] = cfg.weight_grouping
     return {"preset": cfg.quant, "overrides": overrides}
 
 
@@ -82,6 +89,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         raise UsageError("no data folder: give data_dir (the CLI runs the demo without one)")
     if cfg.output is None:
         cfg = cfg.replace(output=run_dir.default_output(cfg))
+    # every rank, before any of them writes: a refusal must not leave peers waiting
+    run_dir.check_free(cfg.output, cfg)
     want_device = resolve_device(cfg.device)
     dinfo = dist_util.init(str(want_device))
     try:
@@ -99,7 +108,10 @@ def _loaders(cfg: TrainConfig, folders, model, device, dinfo):
         mean=tuple(cfg.mean), std=tuple(cfg.std), interpolation=cfg.interpolation,
         crop_pct=cfg.crop_pct, no_aug=cfg.no_aug, scale=tuple(cfg.scale),
         ratio=tuple(cfg.ratio), hflip=cfg.hflip, color_jitter=cfg.color_jitter,
-        auto_augment=cfg.aa, re_prob=cfg.reprob)
+        auto_augment=None if cfg.aa in (None, "", "none") else cfg.aa, re_prob=cfg.reprob,
+        re_mode=cfg.remode,
+        # timm's RepeatAugSampler shards the repeats over processes: torchrun only
+        aug_repeats=cfg.aug_repeats if dinfo.enabled else 0)
     kw = dict(device=device, distributed=dinfo.enabled, rank=dinfo.rank, world=dinfo.world)
     return (create_loader(folders["train"], lcfg, is_training=True, **kw),
             create_loader(folders["val"], lcfg, is_training=False, **kw))
@@ -111,11 +123,11 @@ def _train(cfg: TrainConfig, dinfo) -> Dict[str, Any]:
     log = _Log(is_main and not cfg.quiet)
     progress = is_main and not cfg.no_progress
     out_dir = cfg.output
-    if is_main:
-        run_dir.check_free(out_dir, cfg)
     seed_everything(cfg.seed + dinfo.rank)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    # lr = lr_base x total batch / 512 unless given (recorded in args.yaml)
+    cfg = cfg.replace(lr_base=cfg.resolved_lr_base(), lr=cfg.resolved_lr(dinfo.world))
 
     folders = check_image_folder(cfg.data_dir)
     num_classes = cfg.num_classes or len(folders["classes"])
@@ -125,6 +137,7 @@ def _train(cfg: TrainConfig, dinfo) -> Dict[str, Any]:
     model_info = {"name": cfg.model, "kwargs": kwargs}
     model = create_model(cfg.model, kwargs, pretrained=cfg.pretrained,
                          pretrained_path=cfg.pretrained_path)
+    model.__dict__["qvit_data"] = data_config(cfg.to_dict())
     if cfg.initial_checkpoint:
         init = ckpt_io.load(cfg.initial_checkpoint)
         ckpt_io.load_model_state(model, ckpt_io.model_state(init), cfg.initial_checkpoint)
@@ -188,6 +201,7 @@ def _train(cfg: TrainConfig, dinfo) -> Dict[str, Any]:
             qs.freeze()
         log(f"resumed from {cfg.resume} at epoch {start_epoch}")
 
+    mixup_fn = _mixup(cfg, num_classes)
     total_steps = cfg.epochs * steps_per_epoch
     freeze_step = int(round(cfg.freeze_bits_at * total_steps)) if qs.active else None
 
@@ -219,7 +233,7 @@ def _train(cfg: TrainConfig, dinfo) -> Dict[str, Any]:
         t0 = time.time()
         tr = _train_one_epoch(train_model, model, teacher, train_loader, optimizer, scheduler,
                               scaler, qs, cfg, device, epoch, steps_per_epoch, freeze_step,
-                              progress)
+                              mixup_fn, progress)
         val = evaluate(model, val_loader, device, amp, desc=f"val {epoch}", progress=progress)
         stats = qs.stats()
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_top1": tr["top1"],
@@ -284,8 +298,20 @@ def _calibrate(model, val_loader, cfg: TrainConfig, device, dinfo, log) -> None:
     dist_util.broadcast_module(model)
 
 
+def _mixup(cfg: TrainConfig, num_classes: int):
+    """timm's ``Mixup`` (mixup / cutmix and label smoothing into soft targets), or None."""
+    if not cfg.mixup_active:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                 switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
+                 label_smoothing=cfg.smoothing, num_classes=num_classes)
+
+
 def _train_one_epoch(train_model, model, teacher, loader, optimizer, scheduler, scaler, qs,
-                     cfg: TrainConfig, device, epoch, steps_per_epoch, freeze_step, progress):
+                     cfg: TrainConfig, device, epoch, steps_per_epoch, freeze_step, mixup_fn,
+                     progress):
     train_model.train()
     if cfg.qat_eval_mode and qs.active:
         # the research recipe fine-tunes with the model in eval mode (no drop-path)
@@ -304,9 +330,12 @@ def _train_one_epoch(train_model, model, teacher, loader, optimizer, scheduler, 
         if freeze_step is not None and step >= freeze_step and not qs.frozen:
             qs.freeze()
         x, y = x.to(device), y.to(device)
+        target = y
+        if mixup_fn is not None:  # soft targets; the loss is timm's SoftTargetCrossEntropy
+            x, target = mixup_fn(x, y)
         with amp_context(cfg.amp, cfg.amp_dtype, device):
             out = train_model(x)
-            loss = task_loss(out, y, cfg.smoothing)
+            loss = task_loss(out, target, cfg.smoothing)
             if teacher is not None:
                 with torch.no_grad():
                     t_out = teacher(x)

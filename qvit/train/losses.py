@@ -12,10 +12,21 @@ def logits(out):
 
 
 def task_loss(out, target, smoothing: float):
-    """Cross-entropy with label smoothing (averaged over both heads of a distilled DeiT)."""
+    """Cross-entropy, averaged over both heads of a distilled DeiT.
+
+    Class-index ``target [B]``: with label smoothing. Soft ``target [B, classes]``
+    (mixup / cutmix, smoothing already inside): timm's ``SoftTargetCrossEntropy``.
+    """
+    if target.dim() == 2:
+        from timm.loss import SoftTargetCrossEntropy
+
+        fn = SoftTargetCrossEntropy()
+    else:
+        def fn(o, t):
+            return F.cross_entropy(o, t, label_smoothing=smoothing)
     if isinstance(out, (tuple, list)):
-        return sum(F.cross_entropy(o, target, label_smoothing=smoothing) for o in out) / len(out)
-    return F.cross_entropy(out, target, label_smoothing=smoothing)
+        return sum(fn(o, target) for o in out) / len(out)
+    return fn(out, target)
 
 
 def kd_loss(student, teacher, temperature: float):

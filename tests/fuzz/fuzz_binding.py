@@ -641,15 +641,46 @@ def _same_exact(a: torch.Tensor, b: torch.Tensor, what: str):
                           f"{float(fb[i])!r}")
 
 
-def _close(a, b, tol, what, floor=1e-37):
+def _close(a, b, tol, what, floor=1e-37, may_overflow=None):
+    """A parameter gradient ``a`` of a kernel against the reference's ``b``.
+
+    The rule for non-finite values: the kernels form each term in the working precision
+    (fp32 for fp32 / fp16 / bf16 x: ``u * (round(c) - v)``, and fp32 running sums of ``u``
+    over the clipped elements) and combine per-chunk partials in fp64; the reference forms
+    terms and sums in fp64 and rounds once. So:
+
+    1. where no working-precision intermediate can overflow (``may_overflow`` false: the
+       fp64 bound on every intermediate, see :func:`_abs_sums`, is at most the dtype's
+       largest finite value), NaN and +-Inf agree exactly: same positions, same signs;
+    2. where one may overflow, the kernel may give +-Inf or NaN where the reference is
+       finite, or NaN where the reference is +-Inf (Inf - Inf); a NaN reference still needs
+       a NaN, an infinite reference never meets the opposite infinity, and a finite kernel
+       value against an infinite reference needs the same sign and to lie within ``tol`` of
+       the largest finite value (the exact sum sits at the overflow threshold);
+    3. finite against finite: within ``tol`` (always finite) everywhere, overflow or not.
+    """
     a64, b64 = a.double(), b.double()
+    # An infinite tol: the fp64 error bound itself exceeds the range (a huge LSQ override
+    # or scale times a large sum of |terms|); every finite value is then within it.
+    tol = torch.nan_to_num(tol.double(), nan=0.0).expand_as(b64)
+    ov = (torch.zeros_like(b64, dtype=torch.bool) if may_overflow is None
+          else may_overflow.expand_as(b64))
     na, nb = torch.isnan(a64), torch.isnan(b64)
-    if not torch.equal(na, nb):
-        raise OracleError(f"{what}: NaN positions differ: {a.tolist()} vs {b.tolist()}")
     ia, ib = torch.isinf(a64), torch.isinf(b64)
-    if not torch.equal(ia, ib) or not torch.equal(a64[ia], b64[ib]):
+    fa, fb = ~(na | ia), ~(nb | ib)
+    st = ~ov
+    if not torch.equal(na[st], nb[st]):
+        raise OracleError(f"{what}: NaN positions differ: {a.tolist()} vs {b.tolist()}")
+    if not torch.equal(ia[st], ib[st]) or not torch.equal(a64[st & ia], b64[st & ib]):
         raise OracleError(f"{what}: Inf positions differ: {a.tolist()} vs {b.tolist()}")
-    fin = ~(na | ia)
+    big = torch.finfo(a.dtype).max
+    bad = ov & nb & ~na
+    bad |= ov & ib & ia & (a64 != b64)
+    bad |= ov & ib & fa & ~((torch.sign(a64) == torch.sign(b64)) & (big - a64.abs() <= tol))
+    if bool(bad.any()):
+        raise OracleError(f"{what}: {a.tolist()} vs reference {b.tolist()} where an "
+                          f"intermediate may overflow: not an overflow outcome")
+    fin = fa & fb
     err = (a64[fin] - b64[fin]).abs()
     bound = tol[fin] + 2.4e-7 * b64[fin].abs() + floor
     if bool((err > bound).any()):
@@ -657,7 +688,10 @@ def _close(a, b, tol, what, floor=1e-37):
 
 
 def _abs_sums(spec, L):
-    """Per-table-slot / per-group sums of |terms| of the backward (tolerance scale)."""
+    """Per-group sums of |terms| of the backward, in fp64: ``ar`` = sum |u * r| (r = the
+    scale-gradient factor of each element, Qp / Qn when clipped) and ``ahl`` = sum |u| over
+    the clipped elements. Each comes twice: without NaN / Inf terms (the tolerance scale)
+    and with Inf terms kept (``mr``, ``mhl``: bounds on the kernels' intermediates)."""
     x, gy, scale, bits = L["x"], L["grad_y"], L["scale"], L["bits"]
     offset = L.get("offset")
     outer, G, inner = reference.group_shape(x.shape, spec["dim"], bits.numel())
@@ -679,9 +713,19 @@ def _abs_sums(spec, L):
     hi, lo = v > qp3, v < qn3
     inside = ~(hi | lo)
     r = torch.round(torch.where(hi, qp3, torch.where(lo, qn3, v))) - torch.where(inside, v, 0)
-    ar = torch.nan_to_num((u * r.double().abs()), nan=0.0, posinf=0.0).sum(dim=(0, 2))
-    ahl = torch.nan_to_num(torch.where(hi | lo, u, 0), nan=0.0, posinf=0.0).sum(dim=(0, 2))
-    return rows, col, bhat, qp, s.view(G).double(), ar, ahl, outer * inner
+    t_r, t_hl = u * r.double().abs(), torch.where(hi | lo, u, 0)
+    ar = torch.nan_to_num(t_r, nan=0.0, posinf=0.0).sum(dim=(0, 2))
+    ahl = torch.nan_to_num(t_hl, nan=0.0, posinf=0.0).sum(dim=(0, 2))
+    mr = torch.where(torch.isnan(t_r), 0, t_r).sum(dim=(0, 2))
+    mhl = torch.where(torch.isnan(t_hl), 0, t_hl).sum(dim=(0, 2))
+    return rows, col, bhat, qp, s.view(G).double(), ar, ahl, mr, mhl, outer * inner
+
+
+def _per_slot(shape, rows, col, per_group):
+    """Group values summed into their scale-table slots (a shared table sums groups)."""
+    out = torch.zeros(shape, dtype=torch.float64)
+    out.index_put_((rows, col), per_group.double(), accumulate=True)
+    return out
 
 
 def check_backward(spec, L, gx, gs, gb, go):
@@ -700,22 +744,26 @@ def check_backward(spec, L, gx, gs, gb, go):
              None if r[3] is None else torch.zeros_like(r[3]))
     if gx is not None:
         _same_exact(gx, r[0], "grad_x")
-    rows, col, bhat, qp, s, ar, ahl, n_group = _abs_sums(spec, L)
+    rows, col, bhat, qp, s, ar, ahl, mr, mhl, n_group = _abs_sums(spec, L)
     rtol = RTOL.get(L["x"].dtype, RTOL_DEFAULT)
+    big = torch.finfo(L["scale"].dtype).max
     factor = (torch.full_like(qp, gscale) if gscale is not None
               else 1.0 / torch.sqrt(n_group * qp)) if n_group else torch.zeros_like(qp)
-    tol_s = torch.zeros(L["scale"].shape, dtype=torch.float64)
-    tol_s.index_put_((rows, col), (factor * ar * rtol).nan_to_num(posinf=1e300), accumulate=True)
+    shape = L["scale"].shape
+    # bounds on the intermediates: the running sums, then the scaled result
+    m_s = torch.maximum(mr, mhl) * torch.clamp(factor, min=1.0)
     if gs is not None:
         # floor: fp32 products that underflow in the kernel but not in fp64
-        _close(gs, r[1], tol_s, "grad_scale", floor=1e-36 * (1.0 + float(factor.max())))
+        _close(gs, r[1], _per_slot(shape, rows, col, factor * ar * rtol), "grad_scale",
+               floor=1e-36 * (1.0 + float(factor.max())),
+               may_overflow=~(_per_slot(shape, rows, col, m_s) <= big))
     coef = s.abs() * math.log(2) * torch.pow(2.0, bhat - 1 if spec["signed"] else bhat)
     if gb is not None:
-        _close(gb, r[2], (coef * ahl * rtol).nan_to_num(posinf=1e300), "grad_bits")
+        m_b = mhl * torch.clamp(coef, min=1.0)
+        _close(gb, r[2], coef * ahl * rtol, "grad_bits", may_overflow=~(m_b <= big))
     if L.get("offset") is not None and go is not None:
-        tol_o = torch.zeros(L["scale"].shape, dtype=torch.float64)
-        tol_o.index_put_((rows, col), ahl * rtol, accumulate=True)
-        _close(go, r[3], tol_o, "grad_offset")
+        _close(go, r[3], _per_slot(shape, rows, col, ahl * rtol), "grad_offset",
+               may_overflow=~(_per_slot(shape, rows, col, mhl) <= big))
 
 
 def check_forward(spec, L, y):
