@@ -18,7 +18,7 @@ Three copies of one randomly initialised timm model (nothing is downloaded):
 
 A step is: forward, cross-entropy (plus the BitOPs budget loss for the
 quantized models), backward, SGD step, ``zero_grad(set_to_none=True)``.
-Measured per contender, in one run (DESIGN.md section 5b):
+Measured per contender, in one run:
 
 * **step ms** - contenders take turns in rounds as in ``bench_ops.py`` (one
   untimed step, then ``--per-round`` timed ones; median over rounds of each

@@ -4,8 +4,7 @@ A fake-quantized matmul written as two autograd nodes keeps its operand twice:
 the quantizer keeps the float input for its backward, the matmul keeps the
 quantized copy. The functions here keep only the float operands and recompute
 the quantized ones in the backward with the fused forward kernel (it runs at
-copy speed), then hand the matmul's gradient to the fused backward kernel
-(DESIGN.md section 5b):
+copy speed), then hand the matmul's gradient to the fused backward kernel:
 
 * :func:`qlinear`   - ``F.linear(fq(x), fq(W), b)``, keeps ``x``;
 * :func:`qconv2d`   - ``conv2d(fq(x), fq(W), b)``, keeps ``x``;
