@@ -109,15 +109,18 @@ def build(args, model_name: Optional[str] = None, batch: Optional[int] = None,
     qmodel = qvit.quantize_model(copy.deepcopy(model), qvit.preset(args.preset))
     qvit.calibrate(qmodel, [x])
     budget = float(qvit.uniform_bitops(qmodel, 4)) / 1e9
-    qref = copy.deepcopy(qmodel)
-    fns = {
-        "float": _step_fn(model, x, target, budget=None, backend=None),
-        "qvit": _step_fn(qmodel, x, target, budget=budget, backend=ops.fake_quant),
-        "reference": _step_fn(qref, x, target, budget=budget, backend=reference.fake_quant),
-    }
+    want = set(getattr(args, "contenders", "float,qvit,reference").split(",")) | {"float"}
+    fns = {"float": _step_fn(model, x, target, budget=None, backend=None)}
+    if "qvit" in want:
+        fns["qvit"] = _step_fn(qmodel, x, target, budget=budget, backend=ops.fake_quant)
+    if "reference" in want:
+        fns["reference"] = _step_fn(copy.deepcopy(qmodel), x, target, budget=budget,
+                                    backend=reference.fake_quant)
     if compile_backend != "none":
         for name, m, b, be in (("float", model, None, None),
                                ("qvit", qmodel, budget, ops.fake_quant)):
+            if name not in fns:
+                continue
             cm = torch.compile(m, backend=compile_backend, dynamic=True)
             fns[f"{name}+compile"] = _step_fn(m, x, target, budget=b, backend=be, run=cm)
     return fns
@@ -185,7 +188,8 @@ def _memory_in_child(args, model_name: str) -> Dict[str, float]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", QVIT_CPU_CACHE_MB="0")
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", "--models", model_name,
            "--batch", str(args.batch), "--img-size", str(args.img_size),
-           "--preset", args.preset, "--compile", "none", "--threads",
+           "--preset", args.preset, "--compile", "none", "--contenders", args.contenders,
+           "--threads",
            str(torch.get_num_threads())]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
@@ -253,6 +257,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--tiny-repeats", type=int, default=20)
     p.add_argument("--compile", default="inductor",
                    choices=["none", "eager", "aot_eager", "inductor"])
+    p.add_argument("--contenders", default="float,qvit,reference",
+                   help="comma-separated subset of float,qvit,reference (float is always run)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

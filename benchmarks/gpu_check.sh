@@ -386,6 +386,7 @@ if wants bench && "$PY" -c "import timm" 2>/dev/null && [ $((SECONDS - T0)) -lt 
         && [ "$(cap 90)" -gt 0 ]; then
     step "bench_model.py --device cuda --batch 64"
     timeout "$(cap 90)" "$PY" benchmarks/bench_model.py --device cuda --batch 64 --rounds 3 \
+        --models deit_tiny_patch16_224 --compile none \
         > "$LOGDIR/bench_model.log" 2>&1 || echo "bench_model.py exited with $? (timeout = 124)"
     tail -n 6 "$LOGDIR/bench_model.log" | cut -c1-200
 else
@@ -472,7 +473,7 @@ PYEOF
     echo "tests (first pass): $PT_RC (pytest exit status; 0 = passed)"
     echo "compute-sanitizer:$SAN_RC (0 = clean, 3 = errors, 124 = timeout)"
 } >> "$LOGDIR/summary.txt"
-grep -E '^\| (float|qvit|reference) ' "$LOGDIR/bench_model.log" 2>/dev/null | sed 's/^/QAT step: /' >> "$LOGDIR/summary.txt"
+grep -E '^\| [^|]+\| (float|qvit|reference) ' "$LOGDIR/bench_model.log" 2>/dev/null | sed 's/^/QAT step: /' >> "$LOGDIR/summary.txt"
 if [ ${#FAILS[@]} -gt 0 ]; then
     printf 'gpu_check: FAIL: %s\n' "${FAILS[@]}" >> "$LOGDIR/summary.txt"
 else

@@ -53,7 +53,8 @@ def test_bench_model_smoke(capsys):
     bench_model = pytest.importorskip("bench_model")
     rc = bench_model.main(["--models", "deit_tiny_patch16_224", "--batch", "2",
                            "--img-size", "32", "--rounds", "1", "--per-round", "1",
-                           "--tiny-repeats", "1", "--compile", "none"])
+                           "--tiny-repeats", "1", "--compile", "none",
+                           "--contenders", "float,qvit,reference"])
     out = capsys.readouterr().out
     assert rc == 0
     for name in ("float", "qvit", "reference"):
