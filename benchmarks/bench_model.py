@@ -28,9 +28,8 @@ Measured per contender, in one run (docs/design.md section 6):
   resetting it through ``/proc/self/clear_refs``; no sampling). It is taken
   in a child process started with ``MALLOC_MMAP_THRESHOLD_=65536`` (every
   block over 64 KiB is its own mapping, returned on free, so the resident set
-  follows the live tensors instead of glibc's free lists) and with qvit's CPU
-  output cache off; eager contenders only (compiling again in the child costs
-  minutes on a small CPU). GPU: ``torch.cuda.max_memory_allocated`` after
+  follows the live tensors instead of glibc's free lists); eager contenders
+  only (compiling again in the child costs minutes on a small CPU). GPU: ``torch.cuda.max_memory_allocated`` after
   ``reset_peak_memory_stats``, minus the allocation before the step.
 * **ops/step** - ATen (and ``qvit::``) ops dispatched in one eager step,
   counted with a ``TorchDispatchMode`` (on a GPU each is about one launch).
@@ -185,7 +184,7 @@ def _memory_in_child(args, model_name: str) -> Dict[str, float]:
     if args.device == "cuda":
         fns = build(args, model_name, compile_backend=args.compile)
         return {k: _safe(lambda f=f: peak_growth_mib(f, "cuda")) for k, f in fns.items()}
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", QVIT_CPU_CACHE_MB="0")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", "--models", model_name,
            "--batch", str(args.batch), "--img-size", str(args.img_size),
            "--preset", args.preset, "--compile", "none", "--contenders", args.contenders,
