@@ -9,6 +9,11 @@ A·V count ``MACs x b_q x b_k`` and ``MACs x b_A x b_v`` per head. That is the
 paper's formula generalised; for DeiT at 224 px (197 tokens) with 8-bit
 first/last layers it gives the published budgets (DeiT-T W4A4 = 21.455 G).
 
+Each layer states its cost once as :mod:`qvit.nn.cost` terms; the
+differentiable totals (:func:`bitops`, :func:`model_size_bits`, so
+:func:`budget_loss`) evaluate all of them in a few ops over one flat view of
+every bit-width (:mod:`qvit.models.flat_cost`), per-layer reports term by term.
+
 The shapes come from each layer's latest forward, so run one forward (batch 1
 is enough) before asking for BitOPs. Disabled quantizers count as 32-bit
 (float) operands; layers left out by ``QViTConfig.skip`` are not counted.
@@ -20,17 +25,20 @@ Example::
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
+from ..nn import cost
 from ..nn.quantizer import Quantizer
+from .flat_cost import FlatCost, flat_cost
 
 __all__ = ["bitops", "model_size_bits", "uniform_bitops", "uniform_size_bits",
-           "budget_loss", "freeze_bits", "average_bits", "layer_bitops", "batch_size"]
+           "budget_loss", "freeze_bits", "average_bits", "layer_bitops", "layer_size_bits",
+           "head_bitops", "batch_size", "FlatCost"]
 
-BitsFn = Callable[[Optional[Quantizer]], Optional[Tensor]]
+BitsFn = cost.BitsFn
 
 
 def _ste(q: Optional[Quantizer]) -> Optional[Tensor]:
@@ -64,15 +72,29 @@ def batch_size(model: nn.Module) -> int:
     return b
 
 
+def _costed(model: nn.Module):
+    return [(name, m) for name, m in model.named_modules() if hasattr(m, "qvit_bitops_terms")]
+
+
+def _ref(m: nn.Module) -> Tensor:
+    return next(m.parameters())
+
+
 def layer_bitops(model: nn.Module, bits_of: BitsFn = _ste) -> Dict[str, Tensor]:
     """BitOPs per image of every quantized layer (attention: QK^T + A·V), by module name."""
     batch = batch_size(model)
-    out = {}
-    for name, m in model.named_modules():
-        fn = getattr(m, "qvit_bitops", None)
-        if fn is not None:
-            out[name] = fn(bits_of) / batch
-    return out
+    return {name: cost.evaluate(m.qvit_bitops_terms(), bits_of, _ref(m)) / batch
+            for name, m in _costed(model)}
+
+
+def layer_size_bits(m: nn.Module, bits_of: BitsFn = _ste) -> Tensor:
+    """Weight bits of one quantized layer."""
+    return cost.evaluate(m.qvit_size_terms(), bits_of, _ref(m))
+
+
+def head_bitops(m: nn.Module, bits_of: BitsFn = _ste) -> List[Tensor]:
+    """BitOPs of QK^T + A·V of each head of an attention layer (all images of the latest forward)."""
+    return [cost.evaluate(terms, bits_of, _ref(m)) for terms in m.qvit_head_terms()]
 
 
 def _total(values) -> Tensor:
@@ -83,8 +105,11 @@ def _total(values) -> Tensor:
 
 
 def bitops(model: nn.Module) -> Tensor:
-    """BitOPs per image at the current rounded bit-widths (a scalar, differentiable in the bits)."""
-    return _total(layer_bitops(model).values())
+    """BitOPs per image at the current rounded bit-widths (a scalar, differentiable in the bits).
+
+    Computed in a few ops over one flat view of every bit-width (see :class:`FlatCost`).
+    """
+    return flat_cost(model, "bitops", batch_size(model))()
 
 
 def uniform_bitops(model: nn.Module, bits: float, first_last_bits: Optional[float] = 8) -> float:
@@ -99,12 +124,13 @@ def uniform_bitops(model: nn.Module, bits: float, first_last_bits: Optional[floa
 
 
 def _sizes(model: nn.Module, bits_of: BitsFn) -> Tensor:
-    return _total(m.qvit_size(bits_of) for m in model.modules() if hasattr(m, "qvit_size"))
+    return _total(layer_size_bits(m, bits_of) for m in model.modules()
+                  if hasattr(m, "qvit_size_terms"))
 
 
 def model_size_bits(model: nn.Module) -> Tensor:
     """Bits of all quantized weights at the current rounded bit-widths (differentiable)."""
-    return _sizes(model, _ste)
+    return flat_cost(model, "size")()
 
 
 def uniform_size_bits(model: nn.Module, bits: float, first_last_bits: Optional[float] = 8) -> float:

@@ -110,7 +110,7 @@ def report(model: nn.Module) -> Report:
                 "first_last": bool(m.first_last),
                 "w_bits": _bits(m.weight_quant), "a_bits": _bits(m.act_quant),
                 "gbitops": per_layer[name] / 1e9 if per_layer is not None else None,
-                "weight_kbit": float(m.qvit_size(_budget._ste)) / 1e3,
+                "weight_kbit": float(_budget.layer_size_bits(m)) / 1e3,
             })
         elif isinstance(m, (QAttention, QWindowAttention)):
             row = {
@@ -124,7 +124,7 @@ def report(model: nn.Module) -> Report:
             }
             if per_layer is not None:
                 row["head_gbitops"] = [float(v) / batch / 1e9
-                                       for v in m.qvit_head_bitops(_budget._ste)]
+                                       for v in _budget.head_bitops(m)]
             qkv_w = getattr(m.qkv, "weight_quant", None)
             proj_w = getattr(m.proj, "weight_quant", None)
             row["qkv_w_bits"] = _bits(qkv_w)

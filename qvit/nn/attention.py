@@ -25,7 +25,7 @@ qconfig=cfg)``; see :mod:`._dropin`), or from a timm module with ``from_float``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +35,8 @@ from .quantizer import Quantizer, fused_fake_quant, fused_ok
 from . import functional as QF
 from ._adopt import adopt, to_float
 from ._dropin import DropIn, resolve_qconfig, timm_class
-from .linear import BitsFn, QLinear, group_bits
+from .linear import QLinear
+from .cost import Operand, Term, columns, total
 
 __all__ = ["QAttention", "QWindowAttention", "QKVColumnGroups"]
 
@@ -75,18 +76,21 @@ class QKVColumnGroups(QLinear):
         if self.weight_quant is not None and self.weight_quant.enabled:
             self.weight_quant.init_from(self.weight_to_groups(self.weight))
 
-    def _col_bits(self, bits_of: BitsFn) -> Tensor:
-        """Weight bits ``[3, C_in]`` of every (W_s, input column)."""
-        bw = group_bits(bits_of, self.weight_quant, 3 * self.heads, self.weight)
-        return bw.reshape(3, self.heads).repeat_interleave(self.in_features // self.heads, dim=1)
+    def _rows(self):
+        """``(first group, groups)`` of W_q, W_k, W_v in the weight quantizer (3H groups)."""
+        if self.weight_quant is None:
+            return [(0, None)] * 3
+        per = self.weight_quant.groups // 3
+        return [(s * per, per) for s in range(3)]
 
-    def qvit_bitops(self, bits_of: BitsFn) -> Tensor:
-        ba = group_bits(bits_of, self.act_quant, self.in_features, self.weight)
-        c = self.out_features // 3
-        return c * (self._col_bits(bits_of) * ba).sum() * self.positions
+    def qvit_bitops_terms(self) -> List[Term]:
+        coef = float(self.out_features // 3 * self.positions)
+        return [t for lo, n in self._rows()
+                for t in columns(coef, self.weight_quant, self.act_quant, self.in_features, lo, n)]
 
-    def qvit_size(self, bits_of: BitsFn) -> Tensor:
-        return self._col_bits(bits_of).sum() * (self.out_features // 3)
+    def qvit_size_terms(self) -> List[Term]:
+        c = float(self.out_features // 3)
+        return [Term(c, total(self.weight_quant, self.in_features, lo, n)) for lo, n in self._rows()]
 
 
 class _QAttentionBase(DropIn, nn.Module):
@@ -269,25 +273,25 @@ class _QAttentionBase(DropIn, nn.Module):
     def _maybe(self, q: Optional[Quantizer], x: Tensor) -> Tensor:
         return q(x) if q is not None else x
 
-    def qvit_bitops(self, bits_of: BitsFn) -> Tensor:
+    def qvit_bitops_terms(self) -> List[Term]:
         """BitOPs of QK^T and A·V (the qkv and proj linears count themselves)."""
         b_, h, n, d = self.attn_shape
-        ref = self.qkv.weight
-        bq = group_bits(bits_of, self.q_quant, h, ref)
-        bk = group_bits(bits_of, self.k_quant, h, ref)
-        bv = group_bits(bits_of, self.v_quant, h, ref)
-        ba = group_bits(bits_of, self.attn_quant, h, ref)
-        macs = b_ * n * n * d
-        return macs * ((bq * bk).sum() + (ba * bv).sum())
+        macs = float(b_ * n * n * d)
+        return (columns(macs, self.q_quant, self.k_quant, h)
+                + columns(macs, self.attn_quant, self.v_quant, h))
 
-    def qvit_head_bitops(self, bits_of: BitsFn) -> Tensor:
-        """Per-head BitOPs ``[H]`` of QK^T + A·V."""
+    def qvit_head_terms(self) -> List[List[Term]]:
+        """The BitOPs of QK^T + A·V of each head, as cost terms."""
         b_, h, n, d = self.attn_shape
-        ref = self.qkv.weight
-        bq, bk, bv, ba = (group_bits(bits_of, q, h, ref)
-                          for q in (self.q_quant, self.k_quant, self.v_quant, self.attn_quant))
-        return b_ * n * n * d * (bq * bk + ba * bv)
+        macs = float(b_ * n * n * d)
 
+        def op(q, j):
+            if q is None:
+                return Operand(None, 0, 1, 1.0)
+            g = j * q.groups // h
+            return Operand(q, g, g + 1, 1.0)
+        return [[Term(macs, op(self.q_quant, j), op(self.k_quant, j)),
+                 Term(macs, op(self.attn_quant, j), op(self.v_quant, j))] for j in range(h)]
 
 def _add_mask(attn: Tensor, attn_mask: Optional[Tensor], is_causal: bool) -> Tensor:
     n = attn.shape[-1]

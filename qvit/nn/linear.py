@@ -6,13 +6,13 @@ working and checkpoints load. The matmul itself stays a float matmul of
 fake-quantized operands (quantization-aware training).
 
 Bit accounting (used by :mod:`qvit.models.budget`): a layer records the number of
-output positions of its latest forward; BitOPs = MACs x b_w x b_a summed over
-weight rows / columns and input channels, with a disabled or absent
-quantizer counted at 32 bits.
+output positions of its latest forward and states its BitOPs (MACs x b_w x b_a
+summed over weight rows / columns and input channels) and weight size as
+:mod:`.cost` terms.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,19 +23,9 @@ from .quantizer import Quantizer, fused_ok
 from . import functional as QF
 from ._adopt import adopt, to_float
 from ._dropin import DropIn, layer_sites
+from .cost import Term, columns, total
 
-__all__ = ["QLinear", "QConv2d", "FLOAT_BITS", "group_bits"]
-
-FLOAT_BITS = 32.0
-BitsFn = Callable[[Optional[Quantizer]], Optional[Tensor]]
-
-
-def group_bits(bits_of: BitsFn, q: Optional[Quantizer], size: int, ref: Tensor) -> Tensor:
-    """Bits of each of ``size`` channels from a quantizer with ``G`` groups (``size % G == 0``)."""
-    b = bits_of(q) if q is not None else None
-    if b is None:
-        return torch.full((size,), FLOAT_BITS, dtype=torch.float32, device=ref.device)
-    return b.repeat_interleave(size // b.numel())
+__all__ = ["QLinear", "QConv2d"]
 
 
 def _args(q: Optional[Quantizer], x: Tensor):
@@ -123,22 +113,18 @@ class QLinear(DropIn, nn.Linear):
         if self.weight_quant is not None and self.weight_quant.enabled:
             self.weight_quant.init_from(self.weight)
 
-    def qvit_bitops(self, bits_of: BitsFn) -> Tensor:
-        """BitOPs of the latest forward (all positions, all images)."""
-        ba = group_bits(bits_of, self.act_quant, self.in_features, self.weight)
-        if self.weight_dim == 0:
-            bw = group_bits(bits_of, self.weight_quant, self.out_features, self.weight)
-            per_pos = bw.sum() * ba.sum()
-        else:
-            bw = group_bits(bits_of, self.weight_quant, self.in_features, self.weight)
-            per_pos = self.out_features * (bw * ba).sum()
-        return per_pos * self.positions
+    def qvit_bitops_terms(self) -> List[Term]:
+        """BitOPs of the latest forward (all positions, all images) as cost terms."""
+        if self.weight_dim == 0:   # (sum of row bits) x (sum of input bits) per position
+            return [Term(float(self.positions), total(self.weight_quant, self.out_features),
+                         total(self.act_quant, self.in_features))]
+        return columns(float(self.out_features * self.positions), self.weight_quant,
+                       self.act_quant, self.in_features)
 
-    def qvit_size(self, bits_of: BitsFn) -> Tensor:
+    def qvit_size_terms(self) -> List[Term]:
         """Weight bits (biases stay float and are not counted)."""
         size = self.out_features if self.weight_dim == 0 else self.in_features
-        other = self.weight.numel() // size
-        return group_bits(bits_of, self.weight_quant, size, self.weight).sum() * other
+        return [Term(float(self.weight.numel() // size), total(self.weight_quant, size))]
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -226,15 +212,14 @@ class QConv2d(DropIn, nn.Conv2d):
         if self.weight_quant is not None and self.weight_quant.enabled:
             self.weight_quant.init_from(self.weight)
 
-    def qvit_bitops(self, bits_of: BitsFn) -> Tensor:
-        bw = group_bits(bits_of, self.weight_quant, self.out_channels, self.weight)
-        ba = group_bits(bits_of, self.act_quant, self.in_channels, self.weight)
+    def qvit_bitops_terms(self) -> List[Term]:
         kernel = self.weight[0, 0].numel() / self.groups
-        return bw.sum() * ba.sum() * kernel * self.positions
+        return [Term(kernel * self.positions, total(self.weight_quant, self.out_channels),
+                     total(self.act_quant, self.in_channels))]
 
-    def qvit_size(self, bits_of: BitsFn) -> Tensor:
+    def qvit_size_terms(self) -> List[Term]:
         per_row = self.weight.numel() // self.out_channels
-        return group_bits(bits_of, self.weight_quant, self.out_channels, self.weight).sum() * per_row
+        return [Term(float(per_row), total(self.weight_quant, self.out_channels))]
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
