@@ -14,6 +14,9 @@ gradients). Contenders, all on the same ``x``:
 * ``x*2``          - ``(x * 2).backward(g)``: the floor of any autograd op;
 * ``py-function``  - a trivial Python ``autograd.Function`` (saves ``x``,
   returns ``x * 2`` / ``g * 2``): the floor of an op whose autograd is Python;
+* ``py-function x,s,b`` - the same trivial Function of ``x``, ``scale`` and
+  ``bits`` (all three saved and requiring grad; gradients ``g * 2`` and zeros):
+  the floor of an op with fake_quant's inputs, three leaves to accumulate into;
 * ``fq s,b``       - ``qvit.fake_quant(x, scale, bits)`` with ``x``, ``scale``
   (``[1, 7]``) and ``bits`` (``[1]``) requiring grad;
 * ``fq x-only``    - the same with only ``x`` requiring grad (frozen tables);
@@ -57,6 +60,18 @@ class _Times2(torch.autograd.Function):
         return g * 2
 
 
+class _Times2Of3(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, bits):
+        ctx.save_for_backward(x, scale, bits)
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        x, scale, bits = ctx.saved_tensors
+        return g * 2, torch.zeros_like(scale), torch.zeros_like(bits)
+
+
 def _repeat(fn: Callable[[], None], calls: int) -> Callable[[], None]:
     def run():
         for _ in range(calls):
@@ -88,6 +103,10 @@ def contenders(numel: int) -> Dict[str, Callable[[], None]]:
         _Times2.apply(x).backward(g)
         x.grad = None
 
+    def pyfn3():
+        _Times2Of3.apply(x, scale, bits).backward(g)
+        reset(x, scale, bits)
+
     def fq_sb():
         qvit.fake_quant(x, scale, bits).backward(g)
         reset(x, scale, bits)
@@ -103,6 +122,7 @@ def contenders(numel: int) -> Dict[str, Callable[[], None]]:
     return {
         "x*2": mul2,
         "py-function": pyfn,
+        "py-function x,s,b": pyfn3,
         "fq s,b": fq_sb,
         "fq x-only": fq_x,
         "Quantizer": module,
@@ -130,18 +150,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     wall, cpu = common.time_rounds(fns, "cpu", rounds=args.rounds, per_round=args.per_round,
                                    cpu_time=use_cpu)
     times = cpu if use_cpu else wall
-    pairs = [("x*2", "py-function"), ("x*2 fwd", "py-function fwd")]
     rows = []
     for name in fns:
-        base, fnb = pairs[1] if name.endswith("fwd") else pairs[0]
+        fwd = name.endswith("fwd")
         us = lambda d: f"{common.median(d[name]) / args.calls * 1e6:.1f}"  # noqa: E731
+        ratio = lambda base: f"{common.paired(times[name], times[base]):.2f}"  # noqa: E731
         rows.append([name, us(wall), us(cpu) if use_cpu else "-",
-                     f"{common.paired(times[name], times[base]):.2f}",
-                     f"{common.paired(times[name], times[fnb]):.2f}"])
+                     ratio("x*2 fwd" if fwd else "x*2"),
+                     ratio("py-function fwd" if fwd else "py-function"),
+                     "-" if fwd else ratio("py-function x,s,b")])
     which = "CPU" if use_cpu else "wall"
     print(common.markdown_table(
         ["contender", "wall us/call", "CPU us/call", f"/ x*2 ({which})",
-         f"/ py-function ({which})"], rows))
+         f"/ py-function ({which})", f"/ py-function x,s,b ({which})"], rows))
     print("\n(fwd rows are paired with the fwd baselines)")
     return 0
 
