@@ -8,6 +8,9 @@
 
 Timing lives in benchmarks/bench_floor.py, not here.
 """
+import os
+import sys
+
 import pytest
 import torch
 
@@ -182,3 +185,19 @@ def test_duck_typed_x_gets_the_type_error(fresh_cache):
     call(args())
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         call(args(x=_DuckTensor()))
+
+
+def test_bench_floor_smoke(needs_c, capsys):
+    """benchmarks/bench_floor.py runs and prints every contender (timing logic, not speed)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "benchmarks"))
+    bench_floor = pytest.importorskip("bench_floor")
+    threads = torch.get_num_threads()
+    try:
+        assert bench_floor.main(["--rounds", "1", "--per-round", "1", "--calls", "2"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    for name in ("x*2", "py-function", "py-function x,s,b", "fq s,b", "fq x-only", "Quantizer",
+                 "x*2 fwd", "py-function fwd", "fq fwd"):
+        assert f"| {name} " in out
