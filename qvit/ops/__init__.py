@@ -5,6 +5,8 @@
   entry point (the only Python module that touches ``qvit._C``);
 - :mod:`qvit.ops.reference`: the pure-PyTorch executable spec every kernel is
   tested against;
+- :mod:`qvit.ops.checks`: :func:`fake_quant`'s argument checks (no tensor
+  data read) and their per-call cache;
 - :mod:`qvit.ops.contract`: the op's rules (bit-width range, group layout,
   code range, parameter shapes), written once for every layer above.
 """

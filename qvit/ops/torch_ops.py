@@ -15,21 +15,21 @@ Three layers live here, and this is the only Python file that touches
 * an ``autograd.Function`` outside the ops (measured cheaper than registering
   autograd on the op);
 * :func:`fake_quant`, the public entry point, which validates its arguments in
-  Python before anything reaches the dispatcher.
+  Python before anything reaches the dispatcher (:mod:`qvit.ops.checks`, cached
+  per call signature).
 
 The pure-PyTorch executable spec is :mod:`qvit.ops.reference`; tests hold the
 kernels to it.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import contract, reference
+from .checks import checked as _checked, validate as _validate  # noqa: F401 (nn uses _validate)
 
 __all__ = ["fake_quant", "backend_info"]
 
@@ -192,6 +192,15 @@ def _fq_forward_impl(x, scale, bits, offset, dim, signed, bits_min, bits_max):
 
 def _fq_backward_impl(grad_y, x, scale, bits, offset, dim, signed, bits_min, bits_max,
                       lsq_grad_scale):
+    gx, gs, gb, go = _backward_kernel(grad_y, x, scale, bits, offset, dim, signed, bits_min,
+                                      bits_max, lsq_grad_scale)
+    return gx, gs, gb, (scale.new_empty((0,)) if go is None else go)
+
+
+def _backward_kernel(grad_y, x, scale, bits, offset, dim, signed, bits_min, bits_max,
+                     lsq_grad_scale):
+    """The backward impl, with ``None`` for grad_offset without offset (the op's
+    schema wants an empty tensor there; the autograd Function does not)."""
     _require_c()
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.numel() == 0:
@@ -200,7 +209,7 @@ def _fq_backward_impl(grad_y, x, scale, bits, offset, dim, signed, bits_min, bit
         gs = torch.zeros_like(scale, memory_format=torch.contiguous_format)
         gb = torch.zeros_like(bits, memory_format=torch.contiguous_format)
         go = (torch.zeros_like(offset, memory_format=torch.contiguous_format)
-              if offset is not None else scale.new_empty((0,)))
+              if offset is not None else None)
         return grad_x, gs, gb, go
     gs = torch.empty_like(scale, memory_format=torch.contiguous_format)
     gb = torch.empty_like(bits, memory_format=torch.contiguous_format)
@@ -225,8 +234,6 @@ def _fq_backward_impl(grad_y, x, scale, bits, offset, dim, signed, bits_min, bit
         lsq_grad_scale=lsq_grad_scale, num_threads=torch.get_num_threads(),
         stream=_stream_arg(x), workspace=workspace,
     )
-    if go is None:
-        go = scale.new_empty((0,))
     return grad_x, gs, gb, go
 
 
@@ -271,12 +278,15 @@ EAGER_FAST_PATH = True
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
-def _direct(*tensors) -> bool:
-    if not EAGER_FAST_PATH or torch.compiler.is_compiling():
-        return False
-    if torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack():
-        return False
-    return all(t is None or type(t) in _PLAIN for t in tensors)
+def _direct(x, scale, bits, offset, grad_y=None) -> bool:
+    # written out (no loop): this runs twice per call. is_compiling() first:
+    # dynamo folds it and must not trace the mode queries.
+    return (EAGER_FAST_PATH and not torch.compiler.is_compiling()
+            and type(x) in _PLAIN and type(scale) in _PLAIN
+            and type(bits) in _PLAIN and (offset is None or type(offset) in _PLAIN)
+            and (grad_y is None or type(grad_y) in _PLAIN)
+            and not torch._C._is_torch_function_mode_enabled()
+            and not torch._C._len_torch_dispatch_stack())
 
 
 def fq_forward(x, scale, bits, offset, dim, signed, bits_min, bits_max):
@@ -290,107 +300,44 @@ def fq_forward(x, scale, bits, offset, dim, signed, bits_min, bits_max):
 def fq_backward(grad_y, x, scale, bits, offset, dim, signed, bits_min, bits_max, lsq):
     """The backward kernel on validated arguments (see :func:`fq_forward`):
     ``(grad_x, grad_scale, grad_bits, grad_offset)``, the last empty without offset."""
-    if _direct(grad_y, x, scale, bits, offset):
+    if _direct(x, scale, bits, offset, grad_y):
         return _fq_backward_impl(grad_y, x, scale, bits, offset, dim, signed,
                                  bits_min, bits_max, lsq)
     return _fq_backward_op(grad_y, x, scale, bits, offset, dim, signed, bits_min, bits_max, lsq)
 
 
 class _FakeQuantFunction(torch.autograd.Function):
-    """Saves x and the parameters (no masks); the backward recomputes from x."""
+    """Saves x and the parameters (no masks); the backward recomputes from x.
+
+    ``cfg`` is ``(dim, signed, bits_min, bits_max, lsq_grad_scale)``, validated,
+    one argument (each argument of ``apply`` costs per call)."""
 
     @staticmethod
-    def forward(ctx, x, scale, bits, offset, dim, signed, bits_min, bits_max, lsq_grad_scale):
+    def forward(ctx, x, scale, bits, offset, cfg):
         ctx.save_for_backward(x, scale, bits, offset)
-        ctx.args = (dim, signed, bits_min, bits_max, lsq_grad_scale)
-        return fq_forward(x, scale, bits, offset, dim, signed, bits_min, bits_max)
+        ctx.cfg = cfg
+        return fq_forward(x, scale, bits, offset, *cfg[:4])
 
     @staticmethod
     def backward(ctx, grad_y):
         x, scale, bits, offset = ctx.saved_tensors
-        gx, gs, gb, go = fq_backward(grad_y, x, scale, bits, offset, *ctx.args)
+        if _direct(x, scale, bits, offset, grad_y):   # no empty grad_offset allocated
+            gx, gs, gb, go = _backward_kernel(grad_y, x, scale, bits, offset, *ctx.cfg)
+        else:
+            gx, gs, gb, go = _fq_backward_op(grad_y, x, scale, bits, offset, *ctx.cfg)
         need = ctx.needs_input_grad
         return (
             gx if need[0] else None,
             gs if need[1] else None,
             gb if need[2] else None,
-            go if (offset is not None and need[3]) else None,
-            None, None, None, None, None,
+            go if need[3] else None,   # False for a None offset
+            None,
         )
 
 
 # ---------------------------------------------------------------------------
 # public entry point
 # ---------------------------------------------------------------------------
-
-_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _is_int(v) -> bool:
-    return type(v) is int or (isinstance(v, numbers.Integral) and not isinstance(v, bool))
-
-
-def _validate(x, scale, bits, offset, signed, dim, bits_range, grad_scale):
-    """Argument checks that need no tensor data (so they cost no device sync).
-
-    Written for the common case first (plain ints, tuples, CPU or one device):
-    this runs on every call, next to kernels of a few microseconds.
-    """
-    for name, t in (("x", x), ("scale", scale), ("bits", bits)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"qvit.fake_quant: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if offset is not None and not isinstance(offset, Tensor):
-        raise TypeError(
-            f"qvit.fake_quant: offset must be a torch.Tensor or None, got {type(offset).__name__}")
-    if type(signed) is not bool:
-        raise TypeError(f"qvit.fake_quant: signed must be a bool, got {type(signed).__name__}")
-    if not _is_int(dim):
-        raise TypeError(f"qvit.fake_quant: dim must be an int, got {type(dim).__name__}")
-    bmin, bmax = contract.check_bits_range(bits_range, signed, prefix="qvit.fake_quant: ")
-    if grad_scale is None:
-        lsq = -1.0
-    else:
-        if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
-            raise TypeError(
-                f"qvit.fake_quant: grad_scale must be None or a float, got {type(grad_scale).__name__}")
-        lsq = float(grad_scale)
-        if not (math.isfinite(lsq) and lsq >= 0.0):
-            raise ValueError(f"qvit.fake_quant: grad_scale must be finite and >= 0, got {grad_scale}")
-
-    for name, t in (("x", x), ("scale", scale), ("bits", bits), ("offset", offset)):
-        if t is not None and (t.layout is not torch.strided or t.is_nested):
-            kind = "a nested tensor" if t.is_nested else f"layout {t.layout}"
-            raise TypeError(
-                f"qvit.fake_quant: {name} must be a dense (strided) tensor, got {kind}; "
-                "convert it first (e.g. .to_dense(), or quantize each component)")
-    xdt = x.dtype
-    if xdt not in _X_DTYPES:
-        raise TypeError(
-            f"qvit.fake_quant: x must be float32, float16, bfloat16 or float64, got {xdt}")
-    pdt = torch.float64 if xdt == torch.float64 else torch.float32
-    x_cpu = x.is_cpu
-    for name, t in (("scale", scale), ("bits", bits), ("offset", offset)):
-        if t is None:
-            continue
-        if t.dtype != pdt:
-            raise TypeError(
-                f"qvit.fake_quant: {name} must be {str(pdt)[6:]} for a {str(xdt)[6:]} x, "
-                f"got {str(t.dtype)[6:]}")
-        if (t.is_cpu != x_cpu) or (not x_cpu and t.device != x.device):
-            raise ValueError(
-                f"qvit.fake_quant: {name} is on {t.device} but x is on {x.device}; "
-                "all tensors must be on one device")
-
-    g, _ = contract.check_param_shapes(scale.shape, bits.shape,
-                                       None if offset is None else offset.shape, (bmin, bmax),
-                                       prefix="qvit.fake_quant: ")
-    if g > 1:
-        try:
-            contract.group_shape(x.shape, int(dim), g)
-        except ValueError as exc:
-            raise ValueError(f"qvit.fake_quant: {exc}") from None
-    return bmin, bmax, lsq
-
 
 def fake_quant(
     x: Tensor,
@@ -471,9 +418,9 @@ def fake_quant(
         >>> y = fake_quant(x, scale, bits)
         >>> y.sum().backward()
     """
-    bmin, bmax, lsq = _validate(x, scale, bits, offset, signed, dim, bits_range, grad_scale)
-    if not (x.is_cpu or x.is_cuda):
+    cfg = _checked(x, scale, bits, offset, signed, dim, bits_range, grad_scale)
+    if cfg is None:   # neither CPU nor CUDA
         return reference.fake_quant(x, scale, bits, offset, signed=signed, dim=dim,
-                                    bits_range=(bmin, bmax), grad_scale=grad_scale)
+                                    bits_range=bits_range, grad_scale=grad_scale)
     _require_c()
-    return _FakeQuantFunction.apply(x, scale, bits, offset, int(dim), signed, bmin, bmax, lsq)
+    return _FakeQuantFunction.apply(x, scale, bits, offset, cfg)
