@@ -246,3 +246,27 @@ def test_channel_terms_pair_overlapping_groups():
     # channels 0..5: a = 2 2 2 5 5 5, b = 3 3 4 4 7 7
     want = 10.0 * (2 * 3 + 2 * 3 + 2 * 4 + 5 * 4 + 5 * 7 + 5 * 7)
     assert got == want
+
+
+def test_plan_survives_training_steps_and_follows_structure_changes():
+    """One plan for a whole training run; a new layer or bits Parameter forces a new one."""
+    qm = _model("deit_tiny_patch16_224", qvit.preset("qvit_mixed"))
+    opt = torch.optim.SGD(qm.parameters(), lr=1e-3)
+    x, y = torch.randn(3, 3, 32, 32), torch.randint(0, 10, (3,))
+    target = qvit.uniform_bitops(qm, 3) / 1e9
+    plans = []
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(qm(x), y) + budget.budget_loss(qm, target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        plans.append(flat_cost(qm, "bitops", budget.batch_size(qm)))
+    assert plans[0] is plans[1] is plans[2]
+    # replace a bits Parameter: the old plan would read the stale one
+    q = next(m for m in qm.modules() if isinstance(m, Quantizer) and m.learn_bits)
+    q.bits = torch.nn.Parameter(q.bits.detach() + 1.0)
+    assert flat_cost(qm, "bitops", budget.batch_size(qm)) is not plans[0]
+    assert float(budget.bitops(qm)) == pytest.approx(float(_ref(qm, "bitops").detach()), rel=1e-6)
+    # a layer taken out of the model (replaced by a float one) stops counting
+    qm.blocks[1].mlp.fc2 = qm.blocks[1].mlp.fc2.to_float()
+    assert float(budget.bitops(qm)) == pytest.approx(float(_ref(qm, "bitops").detach()), rel=1e-6)

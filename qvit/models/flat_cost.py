@@ -16,9 +16,11 @@ layers' :func:`qvit.nn.cost.evaluate` (the per-layer path of
 :func:`qvit.models.budget.layer_bitops`), in float64 instead of float32; the
 rounded bit-widths are integers, so every range sum is exact.
 
-The plan is rebuilt when anything it depends on changes: a layer's input
-shape (positions, attention shape), the batch, a quantizer's ``enabled``
-flag, range, device or ``bits`` Parameter.
+The plan is rebuilt when anything it depends on changes: the module tree or a
+Parameter assignment anywhere (torch's global registration hooks count them),
+a layer's input shape (positions, attention shape), the batch, a quantizer's
+``enabled`` flag, range or device. Checking that costs a pass over the
+plan's own layers and quantizers, not over the module tree.
 """
 from __future__ import annotations
 
@@ -49,16 +51,18 @@ class _RoundedFlat(torch.autograd.Function):
         return (None, None, *g.split(ctx.sizes))
 
 
-def _signature(model: nn.Module, kind: str, batch: int) -> tuple:
-    """Everything a plan depends on, read without touching tensor data."""
-    sig: List[object] = [kind, batch]
-    for m in model.modules():
-        if isinstance(m, Quantizer):
-            b = m.bits
-            sig.append((id(m), id(b), m.enabled, b.device, m.bits_range, b.shape))
-        elif hasattr(m, "qvit_bitops_terms"):
-            sig.append((id(m), getattr(m, "positions", None), getattr(m, "attn_shape", None)))
-    return tuple(sig)
+# Bumped whenever any module anywhere gets a submodule or a Parameter assigned
+# (torch's global registration hooks): a plan built before such a change may
+# miss a layer or hold a replaced ``bits`` Parameter, so it is rebuilt.
+_STRUCTURE = [0]
+
+
+def _structure_changed(*args) -> None:
+    _STRUCTURE[0] += 1
+
+
+_HOOKS = (nn.modules.module.register_module_module_registration_hook(_structure_changed),
+          nn.modules.module.register_module_parameter_registration_hook(_structure_changed))
 
 
 class FlatCost:
@@ -72,9 +76,14 @@ class FlatCost:
     def __init__(self, model: nn.Module, kind: str, batch: int = 1):
         if kind not in _KINDS:
             raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
-        layers = [m for m in model.modules() if hasattr(m, "qvit_bitops_terms")]
+        self._structure = _STRUCTURE[0]
+        mods = list(model.modules())
+        layers = [m for m in mods if hasattr(m, "qvit_bitops_terms")]
         if not layers:
             raise ValueError("model has no quantized layers; call quantize_model first")
+        self._layers = layers
+        self._all_quants = [m for m in mods if isinstance(m, Quantizer)]
+        self._state = self.state(batch)
         terms: List[cost.Term] = []
         for m in layers:
             if kind == "bitops":
@@ -130,6 +139,20 @@ class FlatCost:
         self._head = torch.zeros(1, device=device)
         self._tail = torch.tensor([cost.FLOAT_BITS, 1.0], device=device)
 
+    def state(self, batch: int) -> tuple:
+        """What this plan depends on besides the module tree, read without tensor data."""
+        # plain attribute reads (module __dict__ / _parameters): this runs every step
+        return (batch,
+                tuple(m.__dict__.get("attn_shape", m.__dict__.get("positions"))
+                      for m in self._layers),
+                tuple((q.__dict__["enabled"], q.__dict__["bits_range"],
+                       q._parameters["bits"].device, q._parameters["bits"].shape)
+                      for q in self._all_quants))
+
+    def valid(self, batch: int) -> bool:
+        """True while the model's tree, shapes and quantizers are those it was built for."""
+        return self._structure == _STRUCTURE[0] and self.state(batch) == self._state
+
     def flat_bits(self) -> Tensor:
         """``e``: the STE-rounded bit-widths of every quantizer, between the constants."""
         return _RoundedFlat.apply(self.lo, self.hi, self._head,
@@ -144,10 +167,9 @@ class FlatCost:
 
 def flat_cost(model: nn.Module, kind: str = "bitops", batch: int = 1) -> FlatCost:
     """The :class:`FlatCost` of ``model`` (BitOPs per image of a ``batch``-image forward),
-    kept on the model and rebuilt when stale."""
-    sig = _signature(model, kind, batch)
+    kept on the model and rebuilt when stale (:meth:`FlatCost.valid`)."""
     plans = model.__dict__.setdefault("_qvit_flat_cost", {})
     plan = plans.get(kind)
-    if plan is None or plan[0] != sig:
-        plan = plans[kind] = (sig, FlatCost(model, kind, batch))
-    return plan[1]
+    if plan is None or not plan.valid(batch):
+        plan = plans[kind] = FlatCost(model, kind, batch)
+    return plan

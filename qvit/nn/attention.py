@@ -258,16 +258,15 @@ class _QAttentionBase(DropIn, nn.Module):
             return None
         H, d = self.num_heads_q, self.head_dim_q
         b_, n = n_rows // qkv.shape[1], qkv.shape[1]
-        like = torch.empty_strided((n_rows, H, d), (0, 0, 0), dtype=qkv.dtype, device=qkv.device)
+        dt, dev = qkv.dtype, qkv.device
         for q in qs:
             q.last_numel = n_rows * H * d
-        args = [q.args_for(like) for q in qs]
+        args = [q.args_for_shape((n_rows, H, d), dt, dev) for q in qs]
         pargs = None
         if p is not None:
             p.last_numel = b_ * H * n * n
             if p.enabled:
-                pargs = p.args_for(torch.empty_strided((b_, H, n, n), (0, 0, 0, 0),
-                                                       dtype=qkv.dtype, device=qkv.device))
+                pargs = p.args_for_shape((b_, H, n, n), dt, dev)
         return args, pargs
 
     def _maybe(self, q: Optional[Quantizer], x: Tensor) -> Tensor:

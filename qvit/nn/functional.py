@@ -98,7 +98,7 @@ class _QLinear(torch.autograd.Function):
         xgrads = wgrads = (None, None, None, None)
         with _amp(ctx.amp):
             if need_x:
-                gxq = gy.matmul(_fq(w, ws, wb, wo, wcfg))
+                gxq = gy2.mm(_fq(w, ws, wb, wo, wcfg)).view(x.shape)
                 xgrads = _fq_grads(gxq, x, xs, xb, xo, xcfg, (need[0], need[3], need[4], need[5]))
                 gx = xgrads[0]
             if need_w:
@@ -167,20 +167,42 @@ def qconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, 
 
 
 def _cat_tables(q3):
-    """The q, k, v quantizers' tables as one ``[3G, K]`` table (one kernel call)."""
+    """The q, k, v quantizers' tables as one ``[3G, K]`` table (one kernel call);
+    a table is expanded only when it is shared by the ``G`` groups."""
     (qs, qb, qo, _), (ks, kb, ko, _), (vs, vb, vo, _) = q3
     g = qb.shape[0]
-    s = torch.cat([t.expand(g, -1) for t in (qs, ks, vs)])
-    o = None if qo is None else torch.cat([t.expand(g, -1) for t in (qo, ko, vo)])
-    return s, torch.cat([qb, kb, vb]), o
+
+    def cat(ts):
+        return torch.cat([t if t.shape[0] == g else t.expand(g, -1) for t in ts])
+    return cat((qs, ks, vs)), torch.cat([qb, kb, vb]), None if qo is None else cat((qo, ko, vo))
 
 
 def _split_tables(gs, gb, go, rows: int, g: int):
     """Undo :func:`_cat_tables` on gradients: three of each, ``[rows, K]`` and ``[G]``."""
     def split(t):
-        t = t.view(3, g, t.shape[-1])
-        return (t.sum(1, keepdim=True) if rows == 1 else t).unbind(0)
-    return split(gs), gb.view(3, g).unbind(0), (None,) * 3 if go is None else split(go)
+        if rows == 1 and g > 1:
+            return t.view(3, g, t.shape[-1]).sum(1, keepdim=True).unbind(0)
+        return t.split(g)
+    return split(gs), gb.split(g), (None,) * 3 if go is None else split(go)
+
+
+def _heads(qkv_q: Tensor, b_: int, n: int, heads: int, d: int):
+    """q, k, v as contiguous ``[B*H, N, d]`` batches (one copy of the three)."""
+    t = qkv_q.view(b_, n, 3, heads, d).permute(2, 0, 3, 1, 4).reshape(3, b_ * heads, n, d)
+    return t.unbind(0)
+
+
+def _logits(q: Tensor, k: Tensor, scale: float, bias, mask, b_: int, heads: int) -> Tensor:
+    """``q * scale @ k^T (+ bias) (+ mask per window)`` as ``[B, H, N, N]``."""
+    n = q.shape[1]
+    logits = torch.bmm(q * scale, k.transpose(1, 2)).view(b_, heads, n, n)
+    if bias is not None:
+        logits = logits + bias
+    if mask is not None:
+        nw = mask.shape[0]
+        logits = (logits.view(-1, nw, heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
+                  ).view(-1, heads, n, n)
+    return logits
 
 
 class _QAttention(torch.autograd.Function):
@@ -189,13 +211,17 @@ class _QAttention(torch.autograd.Function):
         heads, d, scale, qcfg, pcfg = meta
         s_cat, b_cat, o_cat = _cat_tables(((qs, qb, qo, qcfg), (ks, kb, ko, qcfg),
                                            (vs, vb, vo, qcfg)))
-        out, p = _attention_forward(qkv, bias, mask, s_cat, b_cat, o_cat, ps, pb, po, meta)
+        b_, n, _ = qkv.shape
+        q, k, v = _heads(fq_forward(qkv.view(b_ * n, 3 * heads, d), s_cat, b_cat, o_cat,
+                                    *qcfg[:4]), b_, n, heads, d)
+        p = _logits(q, k, scale, bias, mask, b_, heads).softmax(dim=-1)
+        out = torch.bmm(_fq(p, ps, pb, po, pcfg).view(b_ * heads, n, n), v)
         ctx.save_for_backward(qkv, p, s_cat, b_cat, o_cat, ps, pb, po)
         ctx.meta = meta
         ctx.shapes = (None if bias is None else bias.shape, qs.shape[0], qb.shape[0])
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.amp = _amp_state(qkv)
-        return out
+        return out.view(b_, heads, n, d)
 
     @staticmethod
     def backward(ctx, g_out):
@@ -204,46 +230,28 @@ class _QAttention(torch.autograd.Function):
         bias_shape, rows, g = ctx.shapes
         need = ctx.needs_input_grad
         b_, n, _ = qkv.shape
+        bh = b_ * heads
         flat = qkv.view(b_ * n, 3 * heads, d)
         with _amp(ctx.amp):
             q, k, v = _heads(fq_forward(flat, s_cat, b_cat, o_cat, *qcfg[:4]), b_, n, heads, d)
-            a = _fq(p, ps, pb, po, pcfg)
-            g_a = g_out.matmul(v.transpose(-2, -1))
-            g_v = a.transpose(-2, -1).matmul(g_out)
+            a = _fq(p, ps, pb, po, pcfg).view(bh, n, n)
+            g_o = g_out.reshape(bh, n, d)
+            g_a = torch.bmm(g_o, v.transpose(1, 2))
+            g_v = torch.bmm(a.transpose(1, 2), g_o)
             del a
-            pgrads = _fq_grads(g_a, p, ps, pb, po, pcfg, (True,) + tuple(need[12:15]))
+            pgrads = _fq_grads(g_a.view(p.shape), p, ps, pb, po, pcfg, (True,) + tuple(need[12:15]))
             g_logits = torch._softmax_backward_data(pgrads[0], p, -1, p.dtype)
             g_bias = _to(g_logits.sum_to_size(bias_shape), ctx.bias_dtype) if need[1] else None
-            g_q = g_logits.matmul(k).mul_(scale)
-            g_k = g_logits.transpose(-2, -1).matmul(q * scale)
-            del g_logits
-            g_qkv = torch.stack([t.transpose(1, 2).to(qkv.dtype) for t in (g_q, g_k, g_v)], dim=2)
-        gx, gs, gb, go = fq_backward(g_qkv.view(b_ * n, 3 * heads, d), flat, s_cat, b_cat,
-                                     o_cat, *qcfg)
+            g_l = g_logits.view(bh, n, n)
+            g_q = torch.bmm(g_l, k).mul_(scale)
+            g_k = torch.bmm(g_l.transpose(1, 2), q * scale)
+            del g_logits, g_l
+            g_qkv = torch.stack([g_q, g_k, g_v]).to(qkv.dtype).view(3, b_, heads, n, d)
+        g_qkv = g_qkv.permute(1, 3, 0, 2, 4).reshape(b_ * n, 3 * heads, d)
+        gx, gs, gb, go = fq_backward(g_qkv, flat, s_cat, b_cat, o_cat, *qcfg)
         (sq, sk, sv), (bq, bk, bv), (oq, ok, ov) = _split_tables(
             gs, gb, go if o_cat is not None else None, rows, g)
         return (gx.view(qkv.shape), g_bias, None, sq, bq, oq, sk, bk, ok, sv, bv, ov, *pgrads[1:], None)
-
-
-def _heads(qkv_q: Tensor, b_: int, n: int, heads: int, d: int):
-    return qkv_q.view(b_, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
-
-
-def _attention_forward(qkv, bias, mask, s_cat, b_cat, o_cat, ps, pb, po, meta):
-    heads, d, scale, qcfg, pcfg = meta
-    b_, n, _ = qkv.shape
-    qkv_q = fq_forward(qkv.view(b_ * n, 3 * heads, d), s_cat, b_cat, o_cat, *qcfg[:4])
-    q, k, v = _heads(qkv_q, b_, n, heads, d)
-    logits = (q * scale).matmul(k.transpose(-2, -1))
-    if bias is not None:
-        logits = logits + bias
-    if mask is not None:
-        nw = mask.shape[0]
-        logits = (logits.view(-1, nw, heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
-                  ).view(-1, heads, n, n)
-    p = logits.softmax(dim=-1)
-    del logits
-    return _fq(p, ps, pb, po, pcfg).matmul(v), p
 
 
 def qattention(qkv: Tensor, heads: int, scale: float, bias: Optional[Tensor],

@@ -300,14 +300,24 @@ class Quantizer(nn.Module):
         """The tables and kernel arguments for inputs shaped like ``like`` (whose
         data is not read). The full argument check of :func:`qvit.ops.fake_quant`
         runs once per shape, dtype and device (the tables' shapes never change)."""
+        return self.args_for_shape(like.shape, like.dtype, like.device)
+
+    def args_for_shape(self, shape, dtype, device) -> tuple:
+        """:meth:`args_for` an input of this shape, dtype and device (no tensor needed)."""
         scale, offset = self._expand(self.scale), self._expand(self.offset)
+        key = (tuple(shape), dtype, device)
         if torch.compiler.is_compiling():   # traced once per graph: no cache to keep
-            return scale, self.bits, offset, self._check(like)
-        key = (like.shape, like.dtype, like.device)
+            return scale, self.bits, offset, self._check(self._like(key))
         cached = self.__dict__.get("_kcfg")
         if cached is None or cached[0] != key:
-            cached = self.__dict__["_kcfg"] = (key, self._check(like))
+            cached = self.__dict__["_kcfg"] = (key, self._check(self._like(key)))
         return scale, self.bits, offset, cached[1]
+
+    @staticmethod
+    def _like(key) -> Tensor:
+        """A data-free tensor of that shape, dtype and device, for the argument checks."""
+        shape, dtype, device = key
+        return torch.empty_strided(shape, (0,) * len(shape), dtype=dtype, device=device)
 
     def _check(self, x: Tensor) -> tuple:
         bmin, bmax, lsq = ops.torch_ops._validate(x, self._expand(self.scale), self.bits,
