@@ -127,22 +127,26 @@ class _QLinear(torch.autograd.Function):
         gy2 = gy.reshape(-1, gy.shape[-1])
         gx = gw = gbias = None
         xgrads = wgrads = (None, None, None, None)
+        # a weight quantized in another layout: fq and its gradient are taken there
+        # (one copy of w in that layout serves both), the results moved back
+        grouped = wcfg is not None and layout is not None
         with _amp(ctx.amp):
+            wl = to_groups(w, layout) if grouped else w
             if need_x:
-                gxq = gy2.mm(_fq_w(w, ws, wb, wo, wcfg, layout)).view(x.shape)
+                wq = _fq(wl, ws, wb, wo, wcfg)
+                gxq = gy2.mm(from_groups(wq, layout) if grouped else wq).view(x.shape)
+                del wq
                 xgrads = _fq_grads(gxq, x, xs, xb, xo, xcfg, (need[0], need[3], need[4], need[5]))
                 gx = xgrads[0]
             if need_w:
                 xq = _fq(x, xs, xb, xo, xcfg)
                 gwq = gy2.t().mm(xq.reshape(-1, xq.shape[-1]))
-                wneed = (need[1], need[7], need[8], need[9])
-                if wcfg is None or layout is None:
-                    wgrads = _fq_grads(gwq, w, ws, wb, wo, wcfg, wneed)
-                    gw = wgrads[0]
-                else:   # the gradient of fq(w) taken in the quantizer's layout and moved back
-                    wgrads = _fq_grads(to_groups(gwq, layout), to_groups(w, layout),
-                                       ws, wb, wo, wcfg, wneed)
-                    gw = None if wgrads[0] is None else from_groups(wgrads[0], layout)
+                del xq
+                wgrads = _fq_grads(to_groups(gwq, layout) if grouped else gwq, wl, ws, wb, wo,
+                                   wcfg, (need[1], need[7], need[8], need[9]))
+                gw = wgrads[0]
+                if grouped and gw is not None:
+                    gw = from_groups(gw, layout)
         if ctx.has_bias and need[2]:
             gbias = _to(gy2.sum(0), ctx.bias_dtype)
         return (gx, gw, gbias, *xgrads[1:], None, *wgrads[1:], None, None)
