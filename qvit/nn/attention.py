@@ -46,8 +46,10 @@ class QKVColumnGroups(QLinear):
 
     Group ``(s, h)`` of the ``[3C, C_in]`` weight is the ``h``-th block of
     ``C_in / H`` **input columns** of W_s (s = q, k, v), 3H groups; the
-    quantizer sees the weight as ``[C, 3H, C_in / H]`` (``dim=1``), a copy.
-    BitOPs: ``C * sum_s sum_j b_w[s, j] b_a[j]`` per position.
+    quantizer sees the weight as ``[C, 3H, C_in / H]`` (``dim=1``), a copy
+    (:meth:`weight_layout`). On the kernels the layer is one
+    :func:`~qvit.nn.functional.qlinear` node that keeps ``x`` and the weight
+    Parameter only. BitOPs: ``C * sum_s sum_j b_w[s, j] b_a[j]`` per position.
     """
 
     heads: int
