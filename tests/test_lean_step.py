@@ -19,6 +19,7 @@ timm = pytest.importorskip("timm")
 
 from qvit.models.convert import calibrate, quantize_model  # noqa: E402
 from qvit.nn import quantizer  # noqa: E402
+from qvit.nn.attention import QKVColumnGroups  # noqa: E402
 from qvit.nn.config import preset  # noqa: E402
 from qvit.ops import reference, torch_ops as ops  # noqa: E402
 from test_models import MODELS, make, shared_channel, uniform  # noqa: E402
@@ -26,7 +27,7 @@ from test_models import MODELS, make, shared_channel, uniform  # noqa: E402
 pytestmark = [pytest.mark.timm, pytest.mark.skipif(ops._C is None, reason="qvit._C not built")]
 
 CONFIGS = {"qvit_mixed": lambda: preset("qvit_mixed"), "shared_channel": shared_channel,
-           "uniform4": lambda: uniform(4)}
+           "uniform4": lambda: uniform(4), "qvit_official": lambda: preset("qvit_official")}
 
 
 def _composite_on_kernels(*a, **k):
@@ -60,7 +61,7 @@ def _models(key, cfg):
 
 @pytest.mark.parametrize("key, cfg", [("deit", "qvit_mixed"), ("deit_distilled", "uniform4"),
                                       ("swin", "qvit_mixed"), ("swin", "shared_channel"),
-                                      ("vit_qknorm", "qvit_mixed")])
+                                      ("vit_qknorm", "qvit_mixed"), ("deit", "qvit_official")])
 def test_fused_step_matches_composite_and_reference(key, cfg):
     model, x, target = _models(key, cfg)
     fused = _step(model, x, target, ops.fake_quant)
@@ -82,30 +83,73 @@ def test_fused_step_matches_composite_and_reference(key, cfg):
         torch.testing.assert_close(g, ref[1][name], rtol=1e-3, atol=tol, msg=name)
 
 
-def test_fused_paths_are_taken_and_keep_one_copy():
-    """The fused step saves fewer bytes for the backward than the composite one."""
-    model, x, target = _models("deit", "qvit_mixed")
+def _saved_bytes(model, x, target, backend):
+    """Bytes the forward keeps for the backward (every saved tensor, parameters included)."""
+    total = [0]
 
-    def saved_bytes(backend):
-        total = [0]
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+    saved = quantizer._BACKEND
+    quantizer._BACKEND = backend
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            F.cross_entropy(model(x), target)
+    finally:
+        quantizer._BACKEND = saved
+    return total[0]
+
+
+@pytest.mark.parametrize("cfg", ["qvit_mixed", "qvit_official"])
+def test_fused_paths_are_taken_and_keep_one_copy(cfg):
+    """The fused step saves fewer bytes for the backward than the composite one."""
+    model, x, target = _models("deit", cfg)
+    fused = _saved_bytes(model, x, target, ops.fake_quant)
+    assert fused < 0.8 * _saved_bytes(model, x, target, _composite_on_kernels)
+
+
+def test_column_groups_qkv_keeps_only_x_and_weight():
+    """qvit_official's qkv linear (weights grouped by input columns, quantized in a
+    permuted copy) runs as one fused node that keeps its float input and the weight
+    Parameter and no other tensor beyond the quantizer tables; the composite path
+    keeps more (the quantized input, the grouped and the quantized weight)."""
+    model, x, target = _models("deit", "qvit_official")
+    qkvs = [m for m in model.modules() if isinstance(m, QKVColumnGroups)]
+    assert len(qkvs) == 2
+    lin = qkvs[0]
+    assert lin.weight_quant.ready() and lin.act_quant.ready()
+    xin = torch.randn(2, 5, lin.in_features, requires_grad=True)
+
+    def kept(backend):
+        big = []
 
         def pack(t):
-            total[0] += t.numel() * t.element_size()
+            if t.numel() >= min(xin.numel(), lin.weight.numel()):
+                big.append(t)
             return t
         saved = quantizer._BACKEND
         quantizer._BACKEND = backend
         try:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                F.cross_entropy(model(x), target)
+                y = lin(xin)
         finally:
             quantizer._BACKEND = saved
-        return total[0]
+        return y, big
 
-    assert saved_bytes(ops.fake_quant) < 0.8 * saved_bytes(_composite_on_kernels)
+    y, big = kept(ops.fake_quant)
+    assert type(y.grad_fn).__name__ == "_QLinearBackward"
+    assert sorted(t.data_ptr() for t in big) == sorted([xin.data_ptr(), lin.weight.data_ptr()])
+    y_c, big_c = kept(_composite_on_kernels)
+    assert type(y_c.grad_fn).__name__ != "_QLinearBackward"
+    assert len(big_c) >= 4   # x, fq(x), the grouped weight, fq(W) in its layout
+    torch.testing.assert_close(y, y_c, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_compiled_training_step_matches_eager(backend):
+@pytest.mark.parametrize("backend, cfg", [
+    ("aot_eager", "qvit_mixed"), ("aot_eager", "qvit_official"),
+    pytest.param("inductor", "qvit_mixed", marks=pytest.mark.slow),
+    pytest.param("inductor", "qvit_official", marks=pytest.mark.slow)])
+def test_compiled_training_step_matches_eager(backend, cfg):
     """torch.compile(dynamic=True) of a step with backward inside (the fused
     functions' backward traced by AOTAutograd) gives eager's loss and gradients."""
     torch.manual_seed(0)
@@ -113,7 +157,7 @@ def test_compiled_training_step_matches_eager(backend):
                               img_size=32, depth=1)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     target = torch.tensor([1, 7])
-    quantize_model(model, preset("qvit_mixed"))
+    quantize_model(model, preset(cfg))
     calibrate(model, [x])
     model.train()
     twin = copy.deepcopy(model)

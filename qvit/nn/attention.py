@@ -35,7 +35,7 @@ from .quantizer import Quantizer, fused_fake_quant, fused_ok
 from . import functional as QF
 from ._adopt import adopt, to_float
 from ._dropin import DropIn, resolve_qconfig, timm_class
-from .linear import QLinear
+from .linear import QLinear, _args
 from .cost import Operand, Term, columns, total
 
 __all__ = ["QAttention", "QWindowAttention", "QKVColumnGroups"]
@@ -46,29 +46,45 @@ class QKVColumnGroups(QLinear):
 
     Group ``(s, h)`` of the ``[3C, C_in]`` weight is the ``h``-th block of
     ``C_in / H`` **input columns** of W_s (s = q, k, v), 3H groups; the
-    quantizer sees the weight as ``[C, 3H, C_in / H]`` (``dim=1``), a copy.
-    BitOPs: ``C * sum_s sum_j b_w[s, j] b_a[j]`` per position.
+    quantizer sees the weight as ``[C, 3H, C_in / H]`` (``dim=1``), a copy
+    (:meth:`weight_layout`). On the kernels the layer is one
+    :func:`~qvit.nn.functional.qlinear` node that keeps ``x`` and the weight
+    Parameter only. BitOPs: ``C * sum_s sum_j b_w[s, j] b_a[j]`` per position.
     """
 
     heads: int
 
+    def weight_layout(self) -> QF.WeightLayout:
+        """``[3C, C_in]`` -> ``[C, 3H, C_in / H]`` (group index ``s*H + h``)."""
+        c3, cin = self.weight.shape
+        h = self.heads
+        return QF.WeightLayout((c3, cin), (3, c3 // 3, h, cin // h), (1, 0, 2, 3),
+                               (c3 // 3, 3 * h, cin // h))
+
     def weight_to_groups(self, w: Tensor) -> Tensor:
         """``[3C, C_in]`` -> ``[C, 3H, C_in / H]`` (group index ``s*H + h``)."""
-        c3, cin = w.shape
-        return w.reshape(3, c3 // 3, self.heads, cin // self.heads).transpose(0, 1).reshape(
-            c3 // 3, 3 * self.heads, cin // self.heads)
+        return QF.to_groups(w, self.weight_layout())
 
     def weight_from_groups(self, wg: Tensor) -> Tensor:
-        c, _, dd = wg.shape
-        return wg.reshape(c, 3, self.heads * dd).transpose(0, 1).reshape(3 * c, self.heads * dd)
+        return QF.from_groups(wg, self.weight_layout())
 
     def forward(self, x: Tensor) -> Tensor:
         self.positions = x.numel() // self.in_features
+        wq = self.weight_quant
+        if fused_ok() and (wq is None or wq.ready() or not wq.enabled):
+            # one autograd node that keeps only the float x (and the weight Parameter)
+            lay = self.weight_layout()
+            wargs = None
+            if wq is not None and wq.enabled:
+                wq.last_numel = self.weight.numel()
+                wargs = wq.args_for_shape(lay.grouped, self.weight.dtype, self.weight.device)
+            return QF.qlinear(x, self.weight, self.bias, _args(self.act_quant, x), wargs, lay)
+        # composite: the reference op, or a weight quantizer still to be fitted or observing
         if self.act_quant is not None:
             x = self.act_quant(x)
         w = self.weight
-        if self.weight_quant is not None:
-            w = self.weight_from_groups(self.weight_quant(self.weight_to_groups(w)))
+        if wq is not None:
+            w = self.weight_from_groups(wq(self.weight_to_groups(w)))
         return torch.nn.functional.linear(x, w, self.bias)
 
     @torch.no_grad()

@@ -7,7 +7,8 @@ the quantized ones in the backward with the fused forward kernel (it runs at
 copy speed), then hand the matmul's gradient to the fused backward kernel
 (docs/design.md section 4.1):
 
-* :func:`qlinear`   - ``F.linear(fq(x), fq(W), b)``, keeps ``x``;
+* :func:`qlinear`   - ``F.linear(fq(x), fq(W), b)``, keeps ``x`` (``W`` may be
+  quantized in another layout, :class:`WeightLayout`);
 * :func:`qconv2d`   - ``conv2d(fq(x), fq(W), b)``, keeps ``x``;
 * :func:`qattention` - the attention core ``fq(softmax(fq(q) fq(k)^T * scale +
   bias)) @ fq(v)`` on the qkv projection's output, keeps ``qkv`` and the softmax
@@ -23,7 +24,7 @@ the compiled backward also recomputes instead of saving.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from ..ops.torch_ops import fq_backward, fq_forward
 
-__all__ = ["qlinear", "qconv2d", "qattention"]
+__all__ = ["qlinear", "qconv2d", "qattention", "WeightLayout", "to_groups", "from_groups"]
 
 QArgs = Optional[Tuple[Tensor, Tensor, Optional[Tensor], tuple]]
 
@@ -76,46 +77,91 @@ def _unpack(q: QArgs):
     return (None, None, None, None) if q is None else q
 
 
+class WeightLayout(NamedTuple):
+    """The layout a weight quantizer sees: ``w.reshape(view).permute(perm).reshape(grouped)``
+    (a copy) of a weight shaped ``shape``; :func:`from_groups` is its inverse.
+    E.g. the research code's qkv grouping (:class:`~qvit.nn.attention.QKVColumnGroups`):
+    ``[3C, C_in] -> [C, 3H, C_in/H]``."""
+    shape: Tuple[int, ...]
+    view: Tuple[int, ...]
+    perm: Tuple[int, ...]
+    grouped: Tuple[int, ...]
+
+
+def to_groups(w: Tensor, layout: WeightLayout) -> Tensor:
+    """``w`` in its quantizer's layout."""
+    return w.reshape(layout.view).permute(layout.perm).reshape(layout.grouped)
+
+
+def from_groups(wg: Tensor, layout: WeightLayout) -> Tensor:
+    """Inverse of :func:`to_groups` (also its adjoint: both only move elements)."""
+    view, perm = layout.view, layout.perm
+    inv = tuple(sorted(range(len(perm)), key=perm.__getitem__))
+    return wg.reshape([view[p] for p in perm]).permute(inv).reshape(layout.shape)
+
+
+def _fq_w(w: Tensor, s, b, o, cfg, layout: Optional[WeightLayout]) -> Tensor:
+    """``fq(w)`` in ``w``'s layout, quantized in ``layout`` when one is given."""
+    if cfg is None or layout is None:
+        return _fq(w, s, b, o, cfg)
+    return from_groups(fq_forward(to_groups(w, layout), s, b, o, *cfg[:4]), layout)
+
+
 class _QLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, bias, xs, xb, xo, xcfg, ws, wb, wo, wcfg):
+    def forward(ctx, x, w, bias, xs, xb, xo, xcfg, ws, wb, wo, wcfg, layout):
         ctx.save_for_backward(x, w, xs, xb, xo, ws, wb, wo)
-        ctx.cfg = (xcfg, wcfg)
+        ctx.cfg = (xcfg, wcfg, layout)
         ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.amp = _amp_state(x)
-        return F.linear(_fq(x, xs, xb, xo, xcfg), _fq(w, ws, wb, wo, wcfg), bias)
+        return F.linear(_fq(x, xs, xb, xo, xcfg), _fq_w(w, ws, wb, wo, wcfg, layout), bias)
 
     @staticmethod
     def backward(ctx, gy):
         x, w, xs, xb, xo, ws, wb, wo = ctx.saved_tensors
-        xcfg, wcfg = ctx.cfg
+        xcfg, wcfg, layout = ctx.cfg
         need = ctx.needs_input_grad
         need_x = any(need[i] for i in (0, 3, 4, 5))
         need_w = any(need[i] for i in (1, 7, 8, 9))
         gy2 = gy.reshape(-1, gy.shape[-1])
         gx = gw = gbias = None
         xgrads = wgrads = (None, None, None, None)
+        # a weight quantized in another layout: fq and its gradient are taken there
+        # (one copy of w in that layout serves both), the results moved back
+        grouped = wcfg is not None and layout is not None
         with _amp(ctx.amp):
+            wl = to_groups(w, layout) if grouped else w
             if need_x:
-                gxq = gy2.mm(_fq(w, ws, wb, wo, wcfg)).view(x.shape)
+                wq = _fq(wl, ws, wb, wo, wcfg)
+                gxq = gy2.mm(from_groups(wq, layout) if grouped else wq).view(x.shape)
+                del wq
                 xgrads = _fq_grads(gxq, x, xs, xb, xo, xcfg, (need[0], need[3], need[4], need[5]))
                 gx = xgrads[0]
             if need_w:
                 xq = _fq(x, xs, xb, xo, xcfg)
                 gwq = gy2.t().mm(xq.reshape(-1, xq.shape[-1]))
-                wgrads = _fq_grads(gwq, w, ws, wb, wo, wcfg, (need[1], need[7], need[8], need[9]))
+                del xq
+                wgrads = _fq_grads(to_groups(gwq, layout) if grouped else gwq, wl, ws, wb, wo,
+                                   wcfg, (need[1], need[7], need[8], need[9]))
                 gw = wgrads[0]
+                if grouped and gw is not None:
+                    gw = from_groups(gw, layout)
         if ctx.has_bias and need[2]:
             gbias = _to(gy2.sum(0), ctx.bias_dtype)
-        return (gx, gw, gbias, *xgrads[1:], None, *wgrads[1:], None)
+        return (gx, gw, gbias, *xgrads[1:], None, *wgrads[1:], None, None)
 
 
-def qlinear(x: Tensor, weight: Tensor, bias: Optional[Tensor], xq: QArgs, wq: QArgs) -> Tensor:
-    """``F.linear(fq(x), fq(weight), bias)`` keeping only ``x`` for the backward."""
+def qlinear(x: Tensor, weight: Tensor, bias: Optional[Tensor], xq: QArgs, wq: QArgs,
+            layout: Optional[WeightLayout] = None) -> Tensor:
+    """``F.linear(fq(x), fq(weight), bias)`` keeping only ``x`` for the backward.
+
+    ``layout``: the weight is quantized as ``to_groups(weight, layout)`` (``wq``'s
+    tables are for that shape) and used as ``from_groups`` of the result.
+    """
     xs, xb, xo, xcfg = _unpack(xq)
     ws, wb, wo, wcfg = _unpack(wq)
-    return _QLinear.apply(x, weight, bias, xs, xb, xo, xcfg, ws, wb, wo, wcfg)
+    return _QLinear.apply(x, weight, bias, xs, xb, xo, xcfg, ws, wb, wo, wcfg, layout)
 
 
 class _QConv2d(torch.autograd.Function):
