@@ -34,7 +34,9 @@ Measured per contender, in one run (docs/design.md section 6):
 * **ops/step** - ATen (and ``qvit::``) ops dispatched in one eager step,
   counted with a ``TorchDispatchMode`` (on a GPU each is about one launch).
 * **tiny host ms** - a step of the same architecture on 2 images of 32 px:
-  kernels cost nothing there, Python and dispatch overhead is what is left.
+  the activation work vanishes; Python and dispatch overhead is left, and on
+  a CPU the weight-sized work too (weight quantization, weight gradients, the
+  optimizer), which the weights' size keeps whatever the input.
   On a GPU: host time to issue the step (no synchronisation inside).
 * the ``+compile`` rows: the model under ``torch.compile(dynamic=True)``
   (``--compile``; float and qvit only, compiling the reference composite
