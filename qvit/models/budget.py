@@ -93,7 +93,8 @@ def layer_size_bits(m: nn.Module, bits_of: BitsFn = _ste) -> Tensor:
 
 
 def head_bitops(m: nn.Module, bits_of: BitsFn = _ste) -> List[Tensor]:
-    """BitOPs of QK^T + A·V of each head of an attention layer (all images of the latest forward)."""
+    """BitOPs of QK^T + A·V of each head of an attention layer (all images of the
+    latest forward)."""
     return [cost.evaluate(terms, bits_of, _ref(m)) for terms in m.qvit_head_terms()]
 
 

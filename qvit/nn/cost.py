@@ -8,10 +8,11 @@ list of :class:`Term`\\ s::
     B    = likewise for b; a size term has no B (B = 1)
 
 An operand whose bits are ``None`` (no quantizer; a disabled one in the
-budget) counts ``FLOAT_BITS`` per channel. ``Quantizer`` groups split a channel axis into equal
-contiguous chunks, so "the bits of every channel, summed" is ``channels / G``
-times the sum over the ``G`` groups (:func:`total`), and a per-channel product
-of two such axes (:func:`columns`) pairs up the overlapping groups.
+budget) counts ``FLOAT_BITS`` per channel. ``Quantizer`` groups split a channel
+axis into equal contiguous chunks, so "the bits of every channel, summed" is
+``channels / G`` times the sum over the ``G`` groups (:func:`total`), and a
+per-channel product of two such axes (:func:`columns`) pairs up the
+overlapping groups.
 
 The same terms serve two consumers: :func:`evaluate`, which computes a layer's
 cost from any choice of bit-widths (per-layer reports, uniform budgets), and
@@ -85,7 +86,8 @@ def columns(coef: float, a: Optional[Quantizer], b: Optional[Quantizer], length:
     terms = []
     for c0, c1 in zip(cuts[:-1], cuts[1:]):
         ga, gb = a_lo + c0 // wa, c0 // wb
-        terms.append(Term(coef, Operand(a, ga, ga + 1, float(c1 - c0)), Operand(b, gb, gb + 1, 1.0)))
+        terms.append(Term(coef, Operand(a, ga, ga + 1, float(c1 - c0)),
+                          Operand(b, gb, gb + 1, 1.0)))
     return terms
 
 

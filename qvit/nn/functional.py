@@ -297,7 +297,8 @@ class _QAttention(torch.autograd.Function):
         gx, gs, gb, go = fq_backward(g_qkv, flat, s_cat, b_cat, o_cat, *qcfg)
         (sq, sk, sv), (bq, bk, bv), (oq, ok, ov) = _split_tables(
             gs, gb, go if o_cat is not None else None, rows, g)
-        return (gx.view(qkv.shape), g_bias, None, sq, bq, oq, sk, bk, ok, sv, bv, ov, *pgrads[1:], None)
+        return (gx.view(qkv.shape), g_bias, None, sq, bq, oq, sk, bk, ok, sv, bv, ov,
+                *pgrads[1:], None)
 
 
 def qattention(qkv: Tensor, heads: int, scale: float, bias: Optional[Tensor],
