@@ -238,7 +238,7 @@ def test_attention_bitops(name):
         want_proj = n * C * D * float((bo * bpw).sum())
     assert float(per["blocks.0.attn.proj"].detach()) == pytest.approx(want_proj, rel=1e-6)
     # size: every weight element counted once at its group's bits
-    size = float(budget.layer_size_bits(a.qkv))
+    size = float(budget.layer_size_bits(a.qkv).detach())
     assert size == pytest.approx(float(bw.sum()) * C * D, rel=1e-6)
 
 
