@@ -495,17 +495,24 @@ static PyObject *fq_forward_impl(qvit_state *st, const fq_args *a)
     return fq_run(st, a, 0);
 }
 
-static PyObject *qv_fq_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
-                        PyObject *kwnames)
+/* Parse the arguments with parser `which` into an fq_args, then run `impl`. */
+static PyObject *fq_entry(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                          PyObject *kwnames, int which,
+                          PyObject *(*impl)(qvit_state *, const fq_args *))
 {
     qvit_state *st = qv_state(module);
     fq_args a;
     memset(&a, 0, sizeof a);
-    if (qv_parse(&qv_fq_parsers[QV_PARSER_FWD], st->names[QV_PARSER_FWD], args, nargs, kwnames,
-                 &a) < 0) {
+    if (qv_parse(&qv_fq_parsers[which], st->names[which], args, nargs, kwnames, &a) < 0) {
         return NULL;
     }
-    return fq_forward_impl(st, &a);
+    return impl(st, &a);
+}
+
+static PyObject *qv_fq_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                        PyObject *kwnames)
+{
+    return fq_entry(module, args, nargs, kwnames, QV_PARSER_FWD, fq_forward_impl);
 }
 
 PyDoc_STRVAR(qv_fq_backward_doc,
@@ -540,14 +547,7 @@ static PyObject *fq_backward_impl(qvit_state *st, const fq_args *a)
 static PyObject *qv_fq_backward(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
                          PyObject *kwnames)
 {
-    qvit_state *st = qv_state(module);
-    fq_args a;
-    memset(&a, 0, sizeof a);
-    if (qv_parse(&qv_fq_parsers[QV_PARSER_BWD], st->names[QV_PARSER_BWD], args, nargs, kwnames,
-                 &a) < 0) {
-        return NULL;
-    }
-    return fq_backward_impl(st, &a);
+    return fq_entry(module, args, nargs, kwnames, QV_PARSER_BWD, fq_backward_impl);
 }
 
 PyMethodDef qv_fq_methods[] = {
